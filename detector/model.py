@@ -1,0 +1,156 @@
+"""K conditional VAEs as one tensor program: stacked weights, batched matmuls.
+
+Every parameter carries a leading model axis K, so one `torch.baddbmm` runs the same layer of
+all K models at once. Shapes: K models, B windows per model, W points per window, C time
+features, Z latent dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+from .config import VAEConfig
+from .series import N_TIME_FEATURES
+
+Params = dict[str, torch.Tensor]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def n_cond(config: VAEConfig) -> int:
+    return N_TIME_FEATURES if config.seasonal else 0
+
+
+def layer_shapes(config: VAEConfig) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every linear layer, encoder first."""
+    c, w, z = n_cond(config), config.window, config.latent
+    shapes = []
+    dims = [w + c, *config.hidden]
+    for i in range(len(config.hidden)):
+        shapes.append((f"enc{i}", dims[i], dims[i + 1]))
+    shapes += [("enc_mu", dims[-1], z), ("enc_std", dims[-1], z)]
+    dims = [z + c, *config.hidden]
+    for i in range(len(config.hidden)):
+        shapes.append((f"dec{i}", dims[i], dims[i + 1]))
+    shapes += [("dec_mu", dims[-1], w), ("dec_std", dims[-1], w)]
+    return shapes
+
+
+def init_params(config: VAEConfig, seeds: list[int]) -> Params:
+    """nn.Linear's default init, drawn from each model's own stream: (K, in, out), (K, 1, out)."""
+    keys = rng.model_keys(seeds, rng.INIT)
+    params: Params = {}
+    for i, (name, n_in, n_out) in enumerate(layer_shapes(config)):
+        bound = 1.0 / math.sqrt(n_in)
+        params[f"{name}.w"] = (2 * rng.uniform(keys, 2 * i, (n_in, n_out)) - 1) * bound
+        params[f"{name}.b"] = (2 * rng.uniform(keys, 2 * i + 1, (1, n_out)) - 1) * bound
+    return params
+
+
+def flops_per_window(config: VAEConfig) -> int:
+    """Multiply-adds x2 of one forward pass through encoder and decoder for one window."""
+    return sum(2 * n_in * n_out for _, n_in, n_out in layer_shapes(config))
+
+
+def _linear(p: Params, name: str, x: torch.Tensor) -> torch.Tensor:
+    return torch.baddbmm(p[f"{name}.b"], x, p[f"{name}.w"])  # (K, B, in) @ (K, in, out)
+
+
+def _mlp(p: Params, prefix: str, n_hidden: int, x: torch.Tensor) -> torch.Tensor:
+    for i in range(n_hidden):
+        x = F.relu(_linear(p, f"{prefix}{i}", x))
+    return x
+
+
+def encode(p: Params, config: VAEConfig, x: torch.Tensor, cond: torch.Tensor | None):
+    """q(z | x, c): x (K, B, W), cond (K, B, C) -> mean, std (K, B, Z)."""
+    h = torch.cat([x, cond], dim=-1) if cond is not None else x
+    h = _mlp(p, "enc", len(config.hidden), h)
+    return _linear(p, "enc_mu", h), F.softplus(_linear(p, "enc_std", h)) + 1e-4
+
+
+def decode(p: Params, config: VAEConfig, z: torch.Tensor, cond: torch.Tensor | None):
+    """p(x | z, c): z (K, B, Z), cond (K, B, C) -> mean, std (K, B, W)."""
+    h = torch.cat([z, cond], dim=-1) if cond is not None else z
+    h = _mlp(p, "dec", len(config.hidden), h)
+    return _linear(p, "dec_mu", h), F.softplus(_linear(p, "dec_std", h)) + config.std_min
+
+
+def gaussian_logp(x: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mu, std)."""
+    return -0.5 * (((x - mu) / std) ** 2 + LOG_2PI) - torch.log(std)
+
+
+def m_elbo_windows(
+    p: Params,
+    config: VAEConfig,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    cond: torch.Tensor | None,
+    eps: torch.Tensor | None,
+) -> torch.Tensor:
+    """Donut's modified ELBO, negated, per window: -> (K, B).
+
+    x, mask (K, B, W): missing points (mask 0) are zeroed in the input and left out of the
+    likelihood; the KL term is scaled by the observed share (Donut's beta). eps (K, B, Z) draws
+    z; None uses the posterior mean (deterministic validation).
+    """
+    xin = x * mask
+    mu_z, std_z = encode(p, config, xin, cond)
+    z = mu_z if eps is None else mu_z + std_z * eps
+    mu_x, std_x = decode(p, config, z, cond)
+    nll = -(gaussian_logp(x, mu_x, std_x) * mask).sum(-1)  # (K, B)
+    kl = 0.5 * (mu_z**2 + std_z**2 - 1.0 - 2.0 * torch.log(std_z)).sum(-1)  # (K, B)
+    beta = mask.mean(-1)
+    return (nll + beta * kl) / config.window  # (K, B)
+
+
+def m_elbo_loss(
+    p: Params,
+    config: VAEConfig,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    cond: torch.Tensor | None,
+    eps: torch.Tensor | None,
+) -> torch.Tensor:
+    """Training loss: the negated M-ELBO averaged over each model's minibatch, -> (K,)."""
+    return m_elbo_windows(p, config, x, mask, cond, eps).mean(-1)
+
+
+def select(p: Params, idx: torch.Tensor | int) -> Params:
+    """Parameters of some models: index along K."""
+    if isinstance(idx, int):
+        return {k: v[idx : idx + 1] for k, v in p.items()}
+    return {k: v[idx] for k, v in p.items()}
+
+
+def stack(params: list[Params]) -> Params:
+    """Concatenate single- or multi-model parameter sets along K."""
+    return {k: torch.cat([q[k] for q in params], dim=0) for k in params[0]}
+
+
+def layout(config: VAEConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """Where each parameter lives in a flat (K, P) buffer: (name, shape, start, end)."""
+    out, pos = [], 0
+    for lname, n_in, n_out in layer_shapes(config):
+        for name, shape in ((f"{lname}.w", (n_in, n_out)), (f"{lname}.b", (1, n_out))):
+            size = shape[0] * shape[1]
+            out.append((name, shape, pos, pos + size))
+            pos += size
+    return out
+
+
+def flatten(p: Params, config: VAEConfig) -> torch.Tensor:
+    """Params -> one (K, P) tensor, so one fused optimiser kernel updates all K models."""
+    k = next(iter(p.values())).shape[0]
+    return torch.cat([p[name].reshape(k, -1) for name, _, _, _ in layout(config)], dim=1)
+
+
+def unflatten(flat: torch.Tensor, config: VAEConfig) -> Params:
+    """(K, P) -> Params of views (differentiable: gradients land in the flat tensor)."""
+    k = flat.shape[0]
+    return {name: flat[:, a:b].reshape((k,) + shape) for name, shape, a, b in layout(config)}

@@ -1,0 +1,213 @@
+"""Scoring windows with many models in one pass: reconstruction probability, bands, flags.
+
+The raw score of the window ending at t is the negative log-likelihood of its newest
+`score_points` observed points under the model, Monte Carlo over L latent samples
+(Donut's reconstruction probability), attached to t: scores are causal. Using the newest
+points rather than the whole window makes a spike score high while it happens, not for the
+next `window` points as it slides through; the rest of the window still shapes the latent
+code, so the model judges the newest points in their context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import rng
+from .config import VAEConfig
+from .fitted import SeriesModel
+from .model import Params, decode, encode, gaussian_logp, stack
+from .series import DAY, WEEK, Series, normalise
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on K*c*L*W per scoring chunk (64 MB of float32)
+
+
+@dataclass
+class Packed:
+    """K series padded to one length T (missing and padding: z = 0, m = 0)."""
+
+    z: torch.Tensor  # (K, T) float32 normalised values
+    m: torch.Tensor  # (K, T) float32 1 = observed
+    t: torch.Tensor  # (K, T) float64 timestamps
+    lengths: torch.Tensor  # (K,) int64
+
+
+def pack(series: Sequence[Series], centers: Sequence[float], scales: Sequence[float], clip: float) -> Packed:
+    k = len(series)
+    length = max(1, max(len(s) for s in series))
+    z = np.zeros((k, length), dtype=np.float32)
+    m = np.zeros((k, length), dtype=np.float32)
+    t = np.zeros((k, length), dtype=np.float64)
+    for i, s in enumerate(series):
+        n = len(s)
+        zi = normalise(s.values, centers[i], scales[i], clip)
+        obs = np.isfinite(zi)
+        z[i, :n] = np.where(obs, zi, 0.0)
+        m[i, :n] = obs
+        t[i, :n] = s.timestamps
+        if 0 < n < length:  # keep padding times finite; they are never used
+            t[i, n:] = s.timestamps[-1]
+    lengths = torch.tensor([len(s) for s in series], dtype=torch.int64)
+    return Packed(torch.from_numpy(z), torch.from_numpy(m), torch.from_numpy(t), lengths)
+
+
+def valid_ends(packed: Packed, config: VAEConfig) -> torch.Tensor:
+    """(K, T) bool: a window ends here, lies inside the series and has enough observed points.
+
+    "Enough" is config.min_observed of the window (default half), and the newest point
+    counts only if the window can be judged: see `min_observed` in VAEConfig.
+    """
+    k, length = packed.m.shape
+    w = config.window
+    c = torch.cumsum(torch.cat([torch.zeros(k, 1), packed.m], dim=1), dim=1)  # (K, T+1)
+    ok = torch.zeros(k, length, dtype=torch.bool)
+    if length >= w:
+        counts = c[:, w:] - c[:, :-w]  # (K, T-W+1) observed points per window
+        ok[:, w - 1 :] = counts >= math.ceil(config.min_observed * w)
+    inside = torch.arange(length)[None, :] < packed.lengths[:, None]
+    return ok & inside
+
+
+def cond_features(t: torch.Tensor) -> torch.Tensor:
+    """(…,) float64 unix seconds -> (…, 4) float32 cyclic time of day and day of week."""
+    day = 2 * math.pi * torch.remainder(t, DAY) / DAY
+    week = 2 * math.pi * torch.remainder(t, WEEK) / WEEK
+    return torch.stack([day.sin(), day.cos(), week.sin(), week.cos()], dim=-1).float()
+
+
+def gather_windows(packed: Packed, ends: torch.Tensor, config: VAEConfig):
+    """Windows ending at `ends` (K, E): -> x, m (K, E, W), end times (K, E), level (K, E, 1).
+
+    With config.delevel, x is taken relative to the window's level: the mean of the observed
+    points before its newest `score_points` (its context). The model then learns shapes,
+    not absolute levels, so a series that drifts to a new level scores high while the
+    change is inside the window and is judged afresh once it is not: drift alone does not
+    keep alerting. Without delevel, level is 0.
+    """
+    k, e = ends.shape
+    w = config.window
+    idx = (ends[..., None] - (w - 1) + torch.arange(w)).clamp_min(0).reshape(k, -1)
+    x = packed.z.gather(1, idx).reshape(k, e, w)
+    m = packed.m.gather(1, idx).reshape(k, e, w)
+    level = torch.zeros(k, e, 1)
+    if config.delevel:
+        ctx = w - config.score_points if config.score_points < w else w
+        mc = m[..., :ctx]
+        n_ctx = mc.sum(-1, keepdim=True)
+        ctx_mean = (x[..., :ctx] * mc).sum(-1, keepdim=True) / n_ctx.clamp_min(1)
+        all_mean = (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
+        level = torch.where(n_ctx > 0, ctx_mean, all_mean)
+        x = (x - level).clamp(-config.clip, config.clip) * m
+    return x, m, packed.t.gather(1, ends), level
+
+
+@torch.inference_mode()
+def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tensor, seeds: Sequence[int]):
+    """Raw scores and newest-point reconstruction for windows ending at `ends` (K, E).
+
+    Returns numpy (K, E) arrays: raw (NLL per point, higher = more anomalous), mu and std of
+    the newest point in normalised units. Chunked so memory stays bounded for long ranges.
+    """
+    k, e = ends.shape
+    w, big_l, tail = config.window, config.mc_samples, config.score_points
+    keys = rng.model_keys(list(seeds), rng.SCORE)
+    raw = np.empty((k, e), dtype=np.float64)
+    mu_last = np.empty((k, e), dtype=np.float64)
+    std_last = np.empty((k, e), dtype=np.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, k * big_l * w))
+    for a in range(0, e, chunk):
+        b = min(e, a + chunk)
+        x, m, t_end, level = gather_windows(packed, ends[:, a:b], config)  # (K, c, W)
+        c = b - a
+        cond = cond_features(t_end) if config.seasonal else None  # (K, c, 4)
+        mu_z, std_z = encode(p, config, x * m, cond)  # (K, c, Z)
+        # Draws keyed by the window's end time: the same window always gets the same score,
+        # whatever else is scored beside it.
+        counter = torch.round(t_end).to(torch.int64)
+        eps = rng.normal(keys, counter, (big_l, config.latent))  # (K, c, L, Z)
+        z = (mu_z[:, :, None, :] + std_z[:, :, None, :] * eps).reshape(k, c * big_l, -1)
+        cond_l = None if cond is None else cond.repeat_interleave(big_l, dim=1)
+        mu_x, std_x = decode(p, config, z, cond_l)
+        mu_x = mu_x.reshape(k, c, big_l, w)
+        std_x = std_x.reshape(k, c, big_l, w)
+        logp = gaussian_logp(x[:, :, None, :], mu_x, std_x).mean(2)  # (K, c, W)
+        mt = m[:, :, -tail:]
+        nll_tail = -(logp[:, :, -tail:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
+        nll_all = -(logp * m).sum(-1) / m.sum(-1).clamp_min(1)
+        # An unobserved tail (the newest points missing) falls back to the whole window.
+        r = torch.where(mt.sum(-1) > 0, nll_tail, nll_all)
+        mu_n = mu_x[..., -1].mean(-1) + level[..., 0]
+        var_n = (std_x[..., -1] ** 2).mean(-1) + mu_x[..., -1].var(-1, unbiased=False)
+        raw[:, a:b] = r.double().numpy()
+        mu_last[:, a:b] = mu_n.double().numpy()
+        std_last[:, a:b] = var_n.sqrt().double().numpy()
+    return raw, mu_last, std_last
+
+
+@dataclass
+class ScoreResult:
+    """Per-point results for one series, aligned 1:1 with its input points (N,).
+
+    NaN where a point cannot be scored: warm-up (fewer than window-1 points before it) or
+    a window with too few observed points.
+    """
+
+    timestamps: np.ndarray
+    observed: np.ndarray
+    raw: np.ndarray
+    score: np.ndarray
+    flag: np.ndarray
+    expected: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def _groups(models: Sequence[SeriesModel]) -> dict[VAEConfig, list[int]]:
+    groups: dict[VAEConfig, list[int]] = {}
+    for i, mdl in enumerate(models):
+        groups.setdefault(mdl.config, []).append(i)
+    return groups
+
+
+def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[ScoreResult]:
+    """Score every point of every series with its own model, one batched pass per config.
+
+    models[i] scores series[i]. Give each series `lead_in_points(config)` points before the
+    first point you need scored; rows align 1:1 with the input points.
+    """
+    if len(models) != len(series):
+        raise ValueError(f"{len(models)} models for {len(series)} series")
+    from .threshold import debounce_flags, normalise_scores
+
+    out: list[ScoreResult | None] = [None] * len(models)
+    for config, idx in _groups(models).items():
+        ms = [models[i] for i in idx]
+        ss = [series[i] for i in idx]
+        packed = pack(ss, [m.center for m in ms], [m.scale for m in ms], config.clip)
+        length = packed.z.shape[1]
+        ends = torch.arange(length).expand(len(ms), length).clone()
+        valid = valid_ends(packed, config).numpy()
+        p = stack([m.params for m in ms])
+        raw, mu, sd = score_windows(p, config, packed, ends, [m.seed for m in ms])
+        for j, (mdl, s) in enumerate(zip(ms, ss)):
+            n = len(s)
+            ok = valid[j, :n]
+            r = np.where(ok, raw[j, :n], np.nan)
+            score = normalise_scores(r, mdl.baseline_, mdl.threshold_)
+            expected = np.where(ok, mu[j, :n] * mdl.scale + mdl.center, np.nan)
+            half = np.where(ok, config.band_k * sd[j, :n] * mdl.scale, np.nan)
+            out[idx[j]] = ScoreResult(
+                timestamps=s.timestamps.copy(),
+                observed=s.values.copy(),
+                raw=r,
+                score=score,
+                flag=debounce_flags(score, config.debounce),
+                expected=expected,
+                lower=expected - half,
+                upper=expected + half,
+            )
+    return out  # type: ignore[return-value]

@@ -1,0 +1,258 @@
+"""Batched training: K per-series VAEs in one tensor program, with per-model Adam and early stopping.
+
+Each model draws its own minibatches from its own windows, keeps its own Adam moments and step
+count, its own best weights and its own patience counter. Nothing in a model's trajectory
+depends on the other models in the batch, so training K together equals training each alone
+(up to float rounding), which tests/test_train.py checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import rng
+from .config import VAEConfig, min_train_points
+from .fitted import SeriesModel
+from .model import Params, flatten, init_params, m_elbo_loss, m_elbo_windows, select, unflatten
+from .scoring import Packed, cond_features, gather_windows, pack, score_windows, valid_ends
+from .series import Series, robust_stats
+from .threshold import spot_threshold
+
+log = logging.getLogger(__name__)
+
+MAX_VAL_WINDOWS = 256  # validation windows per model, evenly spread over the held-back tail
+
+
+class InsufficientDataError(ValueError):
+    """A series has too few observed points or valid windows to train a model."""
+
+
+@dataclass
+class _Prepared:
+    index: int
+    series: Series
+    center: float
+    scale: float
+
+
+def _prepare(series: Sequence[Series], config: VAEConfig) -> tuple[list[_Prepared], dict[int, Exception]]:
+    ok, failed = [], {}
+    need = min_train_points(config)
+    for i, s in enumerate(series):
+        n_obs = s.observed()
+        if n_obs < need:
+            failed[i] = InsufficientDataError(
+                f"{n_obs} observed points, need at least {need} (window {config.window})"
+            )
+            continue
+        center, scale = robust_stats(s.values)
+        ok.append(_Prepared(i, s, center, scale))
+    return ok, failed
+
+
+def _split(valid: torch.Tensor, config: VAEConfig):
+    """Per model: training window ends and held-back tail ends, padded. valid (K, T) bool."""
+    k = valid.shape[0]
+    train_l, val_l = [], []
+    for j in range(k):
+        ends = torch.nonzero(valid[j]).flatten()
+        n_val = int(len(ends) * config.val_fraction)
+        if n_val < 4 or len(ends) - n_val < config.batch_size // 4:
+            tr, va = ends, ends  # too short to hold back: validate on training windows
+        else:
+            tr, va = ends[: len(ends) - n_val], ends[len(ends) - n_val :]
+        if len(va) > MAX_VAL_WINDOWS:
+            va = va[torch.linspace(0, len(va) - 1, MAX_VAL_WINDOWS).round().long()]
+        train_l.append(tr)
+        val_l.append(va)
+    n_train = torch.tensor([len(t) for t in train_l])
+    n_val = torch.tensor([len(v) for v in val_l])
+    tr_pad = torch.nn.utils.rnn.pad_sequence(train_l, batch_first=True, padding_value=0)
+    va_pad = torch.nn.utils.rnn.pad_sequence(val_l, batch_first=True, padding_value=0)
+    return tr_pad, n_train, va_pad, n_val
+
+
+def _batch(packed: Packed, ends: torch.Tensor, config: VAEConfig):
+    x, m, t_end, _ = gather_windows(packed, ends, config)
+    cond = cond_features(t_end) if config.seasonal else None
+    return x, m, cond
+
+
+def _val_loss(p: Params, packed: Packed, config: VAEConfig, va: torch.Tensor, n_val: torch.Tensor):
+    """Mean deterministic (z = posterior mean) loss over each model's validation windows: (K,)."""
+    with torch.no_grad():
+        x, m, cond = _batch(packed, va, config)
+        per_w = m_elbo_windows(p, config, x, m, cond, None)  # (K, Nv)
+        real = torch.arange(va.shape[1])[None, :] < n_val[:, None]
+        return (per_w * real).sum(1) / n_val.clamp_min(1)
+
+
+def fit_many(
+    series: Sequence[Series],
+    step: float | Sequence[float],
+    config: VAEConfig,
+    progress: Callable[[int, int], None] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[SeriesModel | Exception]:
+    """Train one model per series, all in one batched program.
+
+    series: each on a regular grid of `step` seconds (see `regularize`), NaN = missing;
+    `step` is one value for all or one per series.
+    Returns, per input series, a SeriesModel or the Exception that kept it from training.
+    seeds: per-series seeds (default: config.seed for all, so a model does not depend on its
+    position in the batch). progress(done, total) is called as models finish.
+    """
+    t_start = time.time()
+    prepared, failed = _prepare(series, config)
+    results: list[SeriesModel | Exception] = [failed.get(i) for i in range(len(series))]  # type: ignore[misc]
+    if not prepared:
+        return results
+    seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
+    packed = pack([p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip)
+    valid = valid_ends(packed, config)
+    keep = valid.sum(1) >= 2
+    tr, n_tr, va, n_va = _split(valid, config)
+    k = len(prepared)
+
+    flat0 = flatten(init_params(config, seed_list), config)  # (K, P)
+    trainer = _Trainer(flat0, config)
+    best = flat0.clone()
+    best_loss = torch.full((k,), math.inf)
+    bad_epochs = torch.zeros(k, dtype=torch.int64)
+    steps_per_epoch = torch.clamp((n_tr + config.batch_size - 1) // config.batch_size, min=1)
+    budget = torch.clamp(steps_per_epoch * config.max_epochs, max=config.max_steps)
+    stopped = ~keep
+    keys_b = rng.model_keys(seed_list, rng.BATCH)
+    keys_z = rng.model_keys(seed_list, rng.LATENT)
+    keys_m = rng.model_keys(seed_list, rng.MISSING)
+    b = config.batch_size
+    last_done = -1
+    for it in range(int(budget.max())):
+        active = (~stopped) & (it < budget)
+        if not active.any():
+            break
+        rows = trainer.compact(active)  # model index of each row still training
+        sub = _subset(packed, rows)
+        u = rng.uniform(keys_b[rows], it, (b,))  # (R, B)
+        n_r = n_tr[rows][:, None]
+        pick = torch.minimum((u * n_r).long(), (n_r - 1).clamp_min(0))
+        ends = tr[rows].gather(1, pick)
+        x, m, cond = _batch(sub, ends, config)
+        # Donut's missing-data injection: hide some observed points from the model.
+        m = m * (rng.uniform(keys_m[rows], it, (b, config.window)) >= config.missing_injection)
+        eps = rng.normal(keys_z[rows], it, (b, config.latent))
+        trainer.step(lambda p: m_elbo_loss(p, config, x, m, cond, eps).sum())
+
+        at_budget = active & (it + 1 >= budget)
+        check = (active & (((it + 1) % steps_per_epoch) == 0)) | at_budget
+        if check.any():
+            vl = torch.full((k,), math.inf)
+            with torch.no_grad():
+                p_now = unflatten(trainer.flat.detach(), config)
+                vl[rows] = _val_loss(p_now, sub, config, va[rows], n_va[rows])
+                better = check & (vl < best_loss)
+                best[rows] = torch.where(better[rows][:, None], trainer.flat.detach(), best[rows])
+            best_loss = torch.where(better, vl, best_loss)
+            bad_epochs = torch.where(better, 0, torch.where(check, bad_epochs + 1, bad_epochs))
+            stopped = stopped | (check & (bad_epochs >= config.patience))
+            done = int((stopped | (it + 1 >= budget)).sum())
+            if progress is not None and done != last_done:
+                progress(done, k)
+            last_done = done
+    if progress is not None and last_done != k:
+        progress(k, k)
+    best_p = unflatten(best, config)
+
+    # Thresholds from each model's scores on its own training windows.
+    raw, _, _ = score_windows(best_p, config, packed, torch.arange(packed.z.shape[1]).expand(k, -1).clone(), seed_list)
+    now = time.time()
+    valid_np = valid.numpy()
+    for j, prep in enumerate(prepared):
+        if not keep[j]:
+            results[prep.index] = InsufficientDataError("fewer than 2 windows with enough observed points")
+            continue
+        scores = raw[j][valid_np[j]]
+        try:
+            thr, method = spot_threshold(scores, config.risk, config.init_quantile)
+        except ValueError as e:
+            results[prep.index] = e
+            continue
+        s = prep.series
+        obs = np.isfinite(s.values)
+        results[prep.index] = SeriesModel(
+            config=config,
+            params={n: v.clone() for n, v in select(best_p, j).items()},
+            step=float(step if isinstance(step, (int, float)) else step[prep.index]),
+            center=prep.center,
+            scale=prep.scale,
+            threshold_=thr,
+            baseline_=float(np.median(scores)),
+            threshold_method=method,
+            seed=seed_list[j],
+            trained_from=float(s.timestamps[obs][0]),
+            trained_to=float(s.timestamps[obs][-1]),
+            trained_at=now,
+            n_train=int(obs.sum()),
+            train_loss=float(best_loss[j]),
+        )
+    log.debug("fit_many: %d models in %.1f s", k, time.time() - t_start)
+    return results
+
+
+def _subset(packed: Packed, rows: torch.Tensor) -> Packed:
+    if len(rows) == packed.z.shape[0]:
+        return packed
+    return Packed(packed.z[rows], packed.m[rows], packed.t[rows], packed.lengths[rows])
+
+
+class _Trainer:
+    """Fused Adam over the stacked parameters: row r of every tensor is one model, so the
+    moments are per model and one kernel updates all K models.
+
+    Models that stop (early stopping or budget) are dropped from the tensors together with
+    their Adam state once they are half of the rows, so finished models cost nothing; their
+    result is the best snapshot kept by the caller.
+    """
+
+    def __init__(self, flat: torch.Tensor, config: VAEConfig):
+        self.config = config
+        self.rows = torch.arange(flat.shape[0])
+        self._make({n: v.clone() for n, v in unflatten(flat, config).items()}, None)
+
+    def _make(self, params: Params, state: dict | None) -> None:
+        self.params = {n: v.requires_grad_(True) for n, v in params.items()}
+        self.opt = torch.optim.Adam(
+            list(self.params.values()), lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True
+        )
+        if state is not None:
+            for n, v in self.params.items():
+                self.opt.state[v] = state[n]
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return flatten(self.params, self.config)
+
+    def compact(self, active: torch.Tensor) -> torch.Tensor:
+        keep = active[self.rows]
+        if int(keep.sum()) * 2 <= len(self.rows):
+            state = {}
+            for n, v in self.params.items():
+                st = self.opt.state.get(v, {})
+                state[n] = {k: (s[keep].clone() if torch.is_tensor(s) and s.ndim == v.ndim else s) for k, s in st.items()}
+            self._make({n: v.detach()[keep].clone() for n, v in self.params.items()}, state if state and all(state.values()) else None)
+            self.rows = self.rows[keep]
+        return self.rows
+
+    def step(self, loss_fn) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        # Rows of models that are done still compute (until compaction) but their loss is
+        # not used: only the best snapshot of a finished model is kept.
+        loss_fn(self.params).backward()
+        self.opt.step()

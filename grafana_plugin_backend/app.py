@@ -1,0 +1,131 @@
+"""The application factory and the Service that owns state and background work."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+
+from .config import Config, describe
+from .demo import QUERIES as DEMO_QUERIES
+from .demo import DemoSource
+from .exposition import bp as exposition_bp
+from .exposition import build_registry
+from .poller import Poller
+from .promclient import PrometheusSource, Source
+from .state import PENDING, READY, Registry
+from .status import bp as status_bp
+from .store import ModelStore, index_of, restore
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Registry, model store, poller and trainer of one promvae process; start() / stop()."""
+
+    def __init__(self, cfg: Config, source: Source | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 fit_fn: Callable | None = None, score_fn: Callable | None = None) -> None:
+        self.cfg = cfg
+        self.queries = list(cfg.queries) if not cfg.demo else list(DEMO_QUERIES)
+        if source is None:
+            source = DemoSource(clock=clock) if cfg.demo else PrometheusSource(cfg.prometheus)
+        self.source = source
+        self.clock = clock
+        self.vae_config = cfg.vae_config()
+        self.registry = Registry(cfg.max_series)
+        self.metrics_registry, self.metrics = build_registry(self.registry)
+        self.store = ModelStore(cfg.storage_path)
+        self.ready = threading.Event()
+        self.started_at = clock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._persist_lock = threading.Lock()
+        self._opened = False
+        extra: dict[str, Any] = {} if score_fn is None else {"score_fn": score_fn}
+        self.poller = Poller(cfg, self.queries, source, self.registry, self.metrics,
+                             self.vae_config, clock=clock, persist=self.persist, **extra)
+        extra = {} if fit_fn is None else {"fit_fn": fit_fn}
+        self.trainer = Trainer(cfg, self.queries, source, self.registry, self.store, self.metrics,
+                               self.vae_config, clock=clock, persist=self.persist,
+                               on_trained=self.poller.wake, **extra)
+        self.poller.on_new_series = self.trainer.wake
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["promvae"] = self
+
+    def is_ready(self) -> bool:
+        """Ready (and stays so) once stored models are loaded and no series awaits a first model."""
+        if not self.ready.is_set() and self.trainer.loaded_once:
+            counts = self.registry.counts_by_state()
+            if counts[READY] or (self.poller.polls_ok and not counts[PENDING]):
+                self.ready.set()
+        return self.ready.is_set()
+
+    def open(self) -> int:
+        """Prepare the storage path and register the series of the previous run's index."""
+        if self._opened:
+            return 0
+        self._opened = True
+        self.store.prepare()
+        n = restore(self.registry, self.store.read_index())
+        if n:
+            log.info("restored %d series from %s", n, self.store.index_path)
+        return n
+
+    def start(self) -> None:
+        """Open the store and start the poller and trainer threads."""
+        self.open()
+        log.info("promvae starting: %s", describe(self.cfg))
+        log.info("source: %s", self.source.describe())
+        self._threads = [
+            threading.Thread(target=self.trainer.run, args=(self._stop,),
+                             name="promvae-trainer", daemon=True),
+            threading.Thread(target=self.poller.run, args=(self._stop,),
+                             name="promvae-poller", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop background work: a running training is cancelled, model writes finish."""
+        self._stop.set()
+        self.poller.wake()
+        self.trainer.wake()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("%s did not stop within %.0f s", t.name, timeout)
+        self.persist()
+        self.source.close()
+
+    def persist(self) -> None:
+        """Write the series index (labels, positions); a failure is logged and counted."""
+        with self._persist_lock:
+            try:
+                self.store.write_index(index_of(self.registry))
+            except OSError as e:
+                self.metrics.training_errors.labels("save").inc()
+                log.error("cannot write the series index %s: %s", self.store.index_path, e)
+
+
+def create_app(config: Config, *, service: Service | None = None,
+               start_background: bool = False, **service_kwargs: Any) -> Flask:
+    """A Flask app serving /metrics, status pages and health for `config`'s service."""
+    app = Flask(__name__)
+    app.config["PROMVAE"] = config
+    service = service or Service(config, **service_kwargs)
+    service.init_app(app)
+    app.register_blueprint(exposition_bp)
+    app.register_blueprint(status_bp)
+    if start_background:
+        service.start()
+    else:
+        service.open()
+    return app

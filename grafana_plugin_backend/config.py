@@ -1,0 +1,419 @@
+"""Configuration: YAML file, PROMVAE_* environment variables and flags build one validated object."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "PROMVAE_"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
+          "y": 31536000.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+_QUERY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.\-]*$")
+_LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A config with one or more bad keys; `errors` lists one sentence per key."""
+
+    def __init__(self, errors: list[str], source: str = "config") -> None:
+        self.errors = list(errors)
+        super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a Prometheus-style duration ("60s", "1h30m", "7d") or a plain number."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(
+                    f"not a duration: {value!r} (use e.g. 60s, 5m, 24h, 7d)") from None
+            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {value!r} (must be finite and not negative)")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact Prometheus-style spelling of `seconds` ("7d", "90s")."""
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    url: str = ""
+    bearer_token_file: str = ""
+    basic_auth: BasicAuth = field(default_factory=BasicAuth)
+    tls_config: TLSConfig = field(default_factory=TLSConfig)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    timeout: float = 30.0       # seconds per HTTP request
+    retries: int = 2            # extra attempts on connection errors and 429/502/503/504
+    method: str = "GET"
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    name: str
+    expr: str
+
+
+@dataclass(frozen=True)
+class Config:
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    step: float = 60.0                 # resolution the models see
+    history: float = 7 * 86400.0       # training range pulled from Prometheus
+    window: int = 120                  # points per VAE window
+    poll_every: float = 60.0
+    retrain_every: float = 86400.0
+    queries: tuple[QueryConfig, ...] = ()
+    max_series: int = 1000             # cardinality cap over all queries
+    series_ttl: float = 900.0          # a series absent this long leaves /metrics
+    model_retention: float = 7 * 86400.0  # a vanished series' model stays on disk this long
+    max_catchup: float = 86400.0       # after downtime, score at most this much missed data
+    keep_scores: float = 3600.0        # recent scored points kept per series (status API)
+    poll_delay: float = 0.0            # poll up to now - poll_delay (late-arriving samples)
+    storage_path: str = "data"
+    listen_address: str = ":8080"
+    log_level: str = "info"
+    model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
+
+    @property
+    def demo(self) -> bool:
+        """True when no Prometheus is configured: the built-in demo source is used."""
+        return not self.prometheus.url
+
+    def vae_config(self) -> Any:
+        """The detector's VAEConfig: `model:` overrides plus the top-level window."""
+        from detector import VAEConfig
+
+        return VAEConfig(**{**self.model, "window": self.window})
+
+
+# Keys that take a duration; every other scalar is converted by its default's type.
+_DURATIONS = {"step", "history", "poll_every", "retrain_every", "series_ttl", "model_retention",
+              "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout"}
+_SECRETS = {"prometheus.basic_auth.password"}
+_YAML_KEYS = {"queries", "prometheus.headers", "model"}  # env values parsed as YAML
+
+
+def _vae_defaults() -> dict[str, Any]:
+    from detector import VAEConfig
+
+    return {f.name: getattr(VAEConfig(), f.name) for f in dataclasses.fields(VAEConfig)}
+
+
+def _env_names(cls: type, prefix: str = "") -> dict[str, str]:
+    """PROMVAE_* environment variable name -> dotted key, for every scalar field of `cls`."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub = _dataclass_of(cls, f)
+        if sub is not None:
+            names.update(_env_names(sub, key + "."))
+        else:
+            names[ENV_PREFIX + key.replace(".", "_").upper()] = key
+    return names
+
+
+def _dataclass_of(cls: type, f: dataclasses.Field) -> type | None:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def _set_path(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *parents, last = key.split(".")
+    for p in parents:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    node[last] = value
+
+
+def _convert(key: str, value: Any, default: Any) -> Any:
+    """`value` (from YAML, an env var or a flag) as the type of `default`; ValueError if not."""
+    if key in _DURATIONS:
+        return parse_duration(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"not an integer: {value!r}")
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"not an integer: {value!r}") from None
+    if isinstance(default, float):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"not a number: {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError(f"not a finite number: {value!r}")
+        return number
+    if isinstance(default, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"not a list: {value!r}")
+        try:
+            return tuple(type(default[0])(str(v).strip()) if default else v for v in items)
+        except ValueError:
+            raise ValueError(f"not a list of {type(default[0]).__name__}: {value!r}") from None
+    if isinstance(default, str):
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError(f"not a string: {value!r}")
+        return str(value)
+    return value
+
+
+class _Builder:
+    """Walks the raw mapping against the dataclasses, collecting every error."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def build(self, cls: type, raw: Any, prefix: str = "") -> Any:
+        if not isinstance(raw, Mapping):
+            self.errors.append(f"{prefix.rstrip('.') or 'config'}: must be a mapping, "
+                               f"got {type(raw).__name__}")
+            raw = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for k in raw:
+            if k not in known:
+                self.errors.append(f"{prefix}{k}: unknown key")
+        values = {}
+        for name, f in known.items():
+            if name not in raw:
+                continue
+            key, value = f"{prefix}{name}", raw[name]
+            sub = _dataclass_of(cls, f)
+            if sub is not None:
+                values[name] = self.build(sub, value if value is not None else {}, key + ".")
+            elif name == "queries":
+                values[name] = self.queries(value)
+            elif name in ("headers", "model"):
+                if not isinstance(value, Mapping):
+                    self.errors.append(f"{key}: must be a mapping")
+                else:
+                    values[name] = dict(value)
+            else:
+                try:
+                    values[name] = _convert(key, value, f.default)
+                except ValueError as e:
+                    self.errors.append(f"{key}: must be a string" if key in _SECRETS
+                                       else f"{key}: {e}")
+        return cls(**values)
+
+    def queries(self, raw: Any) -> tuple[QueryConfig, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.errors.append("queries: must be a list of {name, expr}")
+            return ()
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, Mapping):
+                self.errors.append(f"queries[{i}]: must be a mapping with name and expr")
+                continue
+            for k in item:
+                if k not in ("name", "expr"):
+                    self.errors.append(f"queries[{i}].{k}: unknown key")
+            name, expr = item.get("name"), item.get("expr")
+            if not isinstance(name, str) or not _QUERY_NAME.match(name):
+                self.errors.append(f"queries[{i}].name: must be a name like cpu_busy, got {name!r}")
+                continue
+            if not isinstance(expr, str) or not expr.strip():
+                self.errors.append(f"queries[{i}].expr: must be a PromQL expression")
+                continue
+            out.append(QueryConfig(name=name, expr=expr.strip()))
+        return tuple(out)
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    """Cross-field checks; appends one sentence per bad key."""
+    p = cfg.prometheus
+    if p.url and not re.match(r"^https?://[^/\s]+", p.url):
+        errors.append(f"prometheus.url: must start with http:// or https://, got {p.url!r}")
+    if p.url and not cfg.queries:
+        errors.append("queries: at least one query is needed when prometheus.url is set")
+    if cfg.queries and not p.url:
+        errors.append("prometheus.url: required when queries are configured "
+                      "(leave both out to run the built-in demo)")
+    if p.bearer_token_file and (p.basic_auth.username or p.basic_auth.password):
+        errors.append("prometheus.bearer_token_file: cannot be combined with basic_auth")
+    for key, path in (("prometheus.bearer_token_file", p.bearer_token_file),
+                      ("prometheus.basic_auth.password_file", p.basic_auth.password_file),
+                      ("prometheus.tls_config.ca_file", p.tls_config.ca_file),
+                      ("prometheus.tls_config.cert_file", p.tls_config.cert_file),
+                      ("prometheus.tls_config.key_file", p.tls_config.key_file)):
+        if path and not os.access(path, os.R_OK):
+            errors.append(f"{key}: cannot read file {path!r}")
+    if bool(p.tls_config.cert_file) != bool(p.tls_config.key_file):
+        errors.append("prometheus.tls_config: cert_file and key_file go together")
+    if p.basic_auth.password and p.basic_auth.password_file:
+        errors.append("prometheus.basic_auth: set password or password_file, not both")
+    if p.method.upper() not in ("GET", "POST"):
+        errors.append(f"prometheus.method: must be GET or POST, got {p.method!r}")
+    if p.timeout <= 0:
+        errors.append("prometheus.timeout: must be positive")
+    if p.retries < 0:
+        errors.append("prometheus.retries: must not be negative")
+    if cfg.step < 1 or not float(cfg.step).is_integer():
+        errors.append(f"step: must be a whole number of seconds >= 1s, got {cfg.step:g}s")
+    if cfg.window < 2:
+        errors.append(f"window: must be at least 2 points, got {cfg.window}")
+    elif cfg.step >= 1 and cfg.history < cfg.window * cfg.step:
+        errors.append(f"history: {format_duration(cfg.history)} holds fewer points than one "
+                      f"window ({cfg.window} x {format_duration(cfg.step)})")
+    for key in ("poll_every", "retrain_every", "series_ttl"):
+        if getattr(cfg, key) <= 0:
+            errors.append(f"{key}: must be positive")
+    if cfg.max_series < 1:
+        errors.append("max_series: must be at least 1")
+    names = [q.name for q in cfg.queries]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"queries: duplicate name {name!r}")
+    if cfg.queries:
+        import promql_parser
+
+        for i, q in enumerate(cfg.queries):
+            try:
+                promql_parser.parse(q.expr)
+            except ValueError as e:
+                errors.append(f"queries[{i}].expr ({q.name}): PromQL parse error: {e}")
+    if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[^:\s]*):\d{1,5}$", cfg.listen_address):
+        errors.append(f"listen_address: must be host:port or :port, got {cfg.listen_address!r}")
+    if cfg.log_level.lower() not in _LOG_LEVELS:
+        errors.append(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
+
+
+def _validate_model(cfg: Config, errors: list[str]) -> dict[str, Any]:
+    """`model:` overrides converted to VAEConfig's field types; appends errors."""
+    defaults = _vae_defaults()
+    model = {}
+    for k, v in cfg.model.items():
+        if k == "window":
+            errors.append("model.window: set the top-level key window instead")
+        elif k not in defaults:
+            errors.append(f"model.{k}: unknown key (known: {', '.join(sorted(defaults))})")
+        else:
+            try:
+                model[k] = _convert(f"model.{k}", v, defaults[k])
+            except ValueError as e:
+                errors.append(f"model.{k}: {e}")
+    if not any(e.startswith("model.") or e.startswith("window:") for e in errors):
+        try:
+            dataclasses.replace(cfg, model=model).vae_config()
+        except (TypeError, ValueError) as e:
+            errors.append(f"model: {e}")
+    return model
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < YAML file < PROMVAE_* environment < `overrides` (dotted keys, from flags)."""
+    environ = os.environ if environ is None else environ
+    errors: list[str] = []
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = f"config file {path}"
+        try:
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text)
+        except OSError as e:
+            raise ConfigError([f"cannot read {path}: {e.strerror}"], source) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(["top level must be a mapping of keys"], source)
+        raw = loaded or {}
+    names = _env_names(Config)
+    model_keys = None
+    for env, value in environ.items():
+        if not env.startswith(ENV_PREFIX):
+            continue
+        if env in names and names[env] not in _YAML_KEYS:
+            _set_path(raw, names[env], value)
+        elif env in names:
+            try:
+                _set_path(raw, names[env], yaml.safe_load(value))
+            except yaml.YAMLError:
+                errors.append(f"{env}: not valid YAML")
+        elif env.startswith(ENV_PREFIX + "MODEL_"):
+            model_keys = model_keys if model_keys is not None else _vae_defaults()
+            field_name = env[len(ENV_PREFIX + "MODEL_"):].lower()
+            if field_name not in model_keys:
+                errors.append(f"{env}: unknown model key {field_name!r}")
+            else:
+                _set_path(raw, f"model.{field_name}", value)
+        else:  # other tools use the prefix too (e.g. PROMVAE_TEST_*): warn, do not refuse
+            log.warning("ignoring environment variable %s: it names no config key", env)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(raw, key, value)
+    builder = _Builder()
+    cfg = builder.build(Config, raw)
+    errors.extend(builder.errors)
+    cfg = dataclasses.replace(cfg, model=_validate_model(cfg, errors))
+    _validate(cfg, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def describe(cfg: Config) -> str:
+    """A one-line, secret-free summary of `cfg` for logs."""
+    src = ("built-in demo with its own queries" if cfg.demo
+           else f"prometheus {cfg.prometheus.url}, {len(cfg.queries)} queries")
+    return (f"{src}, step {format_duration(cfg.step)}, "
+            f"history {format_duration(cfg.history)}, window {cfg.window}, "
+            f"poll every {format_duration(cfg.poll_every)}, retrain every "
+            f"{format_duration(cfg.retrain_every)}, storage {cfg.storage_path}")

@@ -1,0 +1,174 @@
+"""The source of series: Prometheus through prometheus-api-client, chunked and bounded."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from .config import PrometheusConfig
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 11_000  # Prometheus refuses range queries of more points per series
+
+
+@dataclass
+class RangeSeries:
+    """One series of a range query: labels (incl. __name__ if any), timestamps (N,), values (N,)."""
+
+    labels: dict[str, str]
+    timestamps: np.ndarray
+    values: np.ndarray
+
+
+class SourceError(Exception):
+    """A failed query; `reason` is a short label for promvae_poll_errors_total."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Source(Protocol):
+    """What the poller and trainer read series from (Prometheus, or the built-in demo)."""
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
+        """Every series of `expr` on the grid start, start+step, ..., <= end."""
+        ...
+
+    def describe(self) -> str:
+        """Where data comes from, for logs and the status page (no secrets)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def chunk_ranges(start: float, end: float, step: float,
+                 max_points: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """Split the grid start..end (inclusive) into ranges of at most `max_points` points."""
+    if end < start:
+        return []
+    n = int(math.floor((end - start) / step + 1e-9)) + 1
+    out = []
+    for first in range(0, n, max_points):
+        last = min(first + max_points, n) - 1
+        out.append((start + first * step, start + last * step))
+    return out
+
+
+def parse_matrix(result: object) -> list[RangeSeries]:
+    """RangeSeries from a Prometheus `matrix` result; SourceError if it is not one."""
+    if not isinstance(result, list):
+        raise SourceError("bad_response", "query_range result is not a list")
+    out = []
+    try:
+        for item in result:
+            pairs = item.get("values") or []
+            ts = np.fromiter((float(p[0]) for p in pairs), dtype=np.float64, count=len(pairs))
+            vals = np.fromiter((float(p[1]) for p in pairs), dtype=np.float64, count=len(pairs))
+            labels = {str(k): str(v) for k, v in (item.get("metric") or {}).items()}
+            out.append(RangeSeries(labels, ts, vals))
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+        raise SourceError("bad_response", f"malformed query_range result: {e}") from None
+    return out
+
+
+def merge_chunks(parts: list[list[RangeSeries]]) -> list[RangeSeries]:
+    """Join the per-chunk results of one query into one RangeSeries per label set."""
+    merged: dict[tuple, list[RangeSeries]] = {}
+    for part in parts:
+        for s in part:
+            merged.setdefault(tuple(sorted(s.labels.items())), []).append(s)
+    out = []
+    for pieces in merged.values():
+        ts = np.concatenate([p.timestamps for p in pieces])
+        vals = np.concatenate([p.values for p in pieces])
+        order = np.argsort(ts, kind="stable")
+        out.append(RangeSeries(pieces[0].labels, ts[order], vals[order]))
+    return out
+
+
+class PrometheusSource:
+    """Range queries against one Prometheus, with auth, TLS, timeouts and bounded retries."""
+
+    def __init__(self, cfg: PrometheusConfig, max_points: int = MAX_POINTS) -> None:
+        self._cfg = cfg
+        self._max_points = max_points
+        session = requests.Session()
+        tls = cfg.tls_config
+        session.verify = False if tls.insecure_skip_verify else (tls.ca_file or True)
+        if tls.cert_file:
+            session.cert = (tls.cert_file, tls.key_file)
+        retry = Retry(total=cfg.retries, connect=cfg.retries, read=False, status=cfg.retries,
+                      backoff_factor=0.5, status_forcelist=(429, 502, 503, 504),
+                      allowed_methods=None, raise_on_status=False)
+        auth = None
+        if cfg.basic_auth.username:
+            password = cfg.basic_auth.password
+            if cfg.basic_auth.password_file:
+                password = Path(cfg.basic_auth.password_file).read_text().strip()
+            auth = (cfg.basic_auth.username, password)
+        self._client = PrometheusConnect(url=cfg.url.rstrip("/"), headers=dict(cfg.headers),
+                                         retry=retry, auth=auth, session=session,
+                                         timeout=cfg.timeout, method=cfg.method.upper())
+
+    def describe(self) -> str:
+        return f"prometheus {self._cfg.url}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _refresh_token(self) -> None:
+        """Re-read the bearer token file on every request so rotated tokens are picked up."""
+        if not self._cfg.bearer_token_file:
+            return
+        try:
+            token = Path(self._cfg.bearer_token_file).read_text().strip()
+        except OSError as e:
+            raise SourceError("auth", f"cannot read bearer token file: {e.strerror}") from None
+        self._client.headers = {**self._cfg.headers, "Authorization": f"Bearer {token}"}
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
+        parts = []
+        for s, e in chunk_ranges(start, end, step, self._max_points):
+            parts.append(self._query_chunk(expr, s, e, step))
+        return merge_chunks(parts)
+
+    def _query_chunk(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
+        self._refresh_token()
+        t0 = datetime.fromtimestamp(start, tz=timezone.utc)
+        t1 = datetime.fromtimestamp(end, tz=timezone.utc)
+        try:
+            result = self._client.custom_query_range(expr, t0, t1, f"{step:g}")
+        except requests.JSONDecodeError as e:
+            raise SourceError("bad_response", f"Prometheus answered with bad JSON: {e}") from None
+        except requests.Timeout as e:
+            raise SourceError("timeout", f"Prometheus timed out: {type(e).__name__}") from None
+        except requests.ConnectionError as e:
+            if "timed out" in str(e).lower():
+                raise SourceError("timeout", "Prometheus timed out") from None
+            raise SourceError("connection", f"cannot reach Prometheus at {self._cfg.url}") from None
+        except requests.RequestException as e:
+            raise SourceError("http", f"request to Prometheus failed: {type(e).__name__}") from None
+        except PrometheusApiClientException as e:
+            raise _http_error(str(e)) from None
+        except (KeyError, TypeError):
+            raise SourceError("bad_response", "Prometheus answer lacks data.result") from None
+        return parse_matrix(result)
+
+
+def _http_error(message: str) -> SourceError:
+    """SourceError for a non-200 answer, naming the status; 400/422 mean the query is bad."""
+    code = message.split("HTTP Status Code ", 1)[-1].split(" ", 1)[0]
+    reason = "bad_query" if code in ("400", "422") else "http"
+    return SourceError(reason, f"Prometheus answered HTTP {code}: {message[:300]}")

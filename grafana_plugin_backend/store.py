@@ -1,0 +1,142 @@
+"""The model store: model files under --storage.path plus an index of series labels and positions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from detector import load_model, save_model
+
+from .state import READY, Registry
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class ModelStore:
+    """Models as <storage>/models/<series id>.*, the series index as <storage>/index.json."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.models_dir = self.root / "models"
+        self.index_path = self.root / "index.json"
+
+    def prepare(self) -> None:
+        """Create the storage directories; OSError with a sentence if that is impossible."""
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe.", delete=True)
+            probe.close()
+        except OSError as e:
+            raise OSError(e.errno, f"storage path {self.root} is not writable: "
+                                   f"{e.strerror or e}") from e
+
+    def save(self, sid: str, model: Any) -> None:
+        save_model(model, self.models_dir, sid)
+
+    def load(self, sid: str) -> Any:
+        """The stored model of series `sid`; detector.ModelFileError if missing or unusable."""
+        return load_model(self.models_dir, sid)
+
+    def delete(self, sid: str) -> None:
+        for path in self.models_dir.glob(f"{sid}.*"):
+            try:
+                path.unlink()
+            except OSError as e:
+                log.warning("could not delete model file %s: %s", path, e.strerror)
+
+    def read_index(self) -> dict[str, Any]:
+        """The index of the previous run; empty if there is none or it is unreadable."""
+        try:
+            data = json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error("index %s is unreadable (%s); starting without it, models retrain",
+                      self.index_path, e)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            log.error("index %s has an unknown format; starting without it", self.index_path)
+            return {}
+        return data
+
+    def write_index(self, data: dict[str, Any]) -> None:
+        """Write the index atomically (temp file, fsync, rename)."""
+        blob = json.dumps({"format": INDEX_FORMAT, **data}, separators=(",", ":"))
+        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.index_path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def index_of(registry: Registry) -> dict[str, Any]:
+    """The registry as index data: series labels, scored positions, vanished series."""
+    with registry.lock:
+        series = [{"id": s.id, "query": s.query, "labels": s.labels,
+                   "scored_to": _num(s.scored_to), "last_present": _num(s.last_present),
+                   "stored": s.stored}
+                  for s in registry.all()]
+        return {"written_at": time.time(), "positions": dict(registry.positions),
+                "series": series, "vanished": dict(registry.vanished)}
+
+
+def restore(registry: Registry, data: dict[str, Any]) -> int:
+    """Register the series of a previous run's index (state pending, models on disk)."""
+    n = 0
+    with registry.lock:
+        for entry in data.get("series", []):
+            try:
+                query, labels = str(entry["query"]), dict(entry["labels"])
+                scored = entry.get("scored_to")
+                present = entry.get("last_present")
+            except (KeyError, TypeError, ValueError):
+                continue
+            s = registry.restore(query, labels,
+                                 float(scored) if scored is not None else math.nan,
+                                 float(present) if present is not None else math.nan)
+            if s is not None:
+                s.stored = bool(entry.get("stored", True))
+                n += 1
+        for sid, info in (data.get("vanished") or {}).items():
+            if registry.get(sid) is None and isinstance(info, dict):
+                registry.vanished[sid] = info
+        for q, pos in (data.get("positions") or {}).items():
+            if isinstance(pos, (int, float)):
+                registry.positions[str(q)] = float(pos)
+    return n
+
+
+def collect_garbage(registry: Registry, store: ModelStore, retention: float, now: float) -> int:
+    """Delete model files of series vanished longer than `retention` ago; returns how many."""
+    with registry.lock:
+        old = [sid for sid, info in registry.vanished.items()
+               if now - float(info.get("vanished_at", now)) > retention]
+        for sid in old:
+            del registry.vanished[sid]
+    for sid in old:
+        store.delete(sid)
+    return len(old)
+
+
+def ready_count(registry: Registry) -> int:
+    return sum(1 for s in registry.all() if s.state == READY)

@@ -1,0 +1,84 @@
+"""Serving for real: `promvae serve` on the demo, SIGTERM, restart with models loaded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from grafana_plugin_backend.server import parse_listen_address
+from tests.promstack import free_port, wait_until
+
+TINY_ENV = {"PROMVAE_WINDOW": "16", "PROMVAE_HISTORY": "6h", "PROMVAE_MODEL_HIDDEN": "8",
+            "PROMVAE_MODEL_LATENT": "2", "PROMVAE_MODEL_MAX_EPOCHS": "2",
+            "PROMVAE_MODEL_MAX_STEPS": "8", "PROMVAE_MODEL_MC_SAMPLES": "2",
+            "PROMVAE_MODEL_SCORE_POINTS": "4"}
+
+
+@pytest.mark.parametrize("address,expected", [
+    (":8080", ("0.0.0.0", 8080)), ("127.0.0.1:9", ("127.0.0.1", 9)),
+    ("[::1]:8080", ("::1", 8080)), ("localhost:80", ("localhost", 80)),
+])
+def test_parse_listen_address(address, expected):
+    assert parse_listen_address(address) == expected
+
+
+def start(storage: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, **TINY_ENV}
+    return subprocess.Popen(
+        [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
+         "--web.listen-address", f"127.0.0.1:{port}", "--storage.path", str(storage)],
+        env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+
+def metrics(url: str) -> dict:
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_demo_serves_scores_stops_on_sigterm_and_restarts_with_loaded_models(tmp_path):
+    storage, log = tmp_path / "storage", tmp_path / "promvae.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(storage, port, log)
+    try:
+        wait_until(lambda: requests.get(f"{url}/-/ready", timeout=2).ok, timeout=120,
+                   description="promvae ready")
+        fams = wait_until(lambda: (lambda f: len(f["anomaly_score"].samples) == 12 and f)(
+            metrics(url)), timeout=60, description="12 demo scores")
+        by_instance = {(s.labels["anomaly_query"], s.labels["instance"]): s.value
+                       for s in fams["anomaly_score"].samples}
+        assert by_instance[("cpu_busy", "web-2:9100")] > 1  # the ongoing incident
+        assert requests.get(url, timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (storage / "index.json").exists()
+    assert len(list((storage / "models").glob("*.safetensors"))) == 12
+    assert "Traceback" not in log.read_text()
+
+    proc = start(storage, port, log)
+    try:
+        wait_until(lambda: requests.get(f"{url}/-/ready", timeout=2).ok, timeout=60,
+                   description="promvae ready after restart")
+        fams = metrics(url)
+        assert fams["promvae_models_loaded"].samples[0].value == 12
+        assert fams["promvae_models_trained"].samples[0].value == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    time.sleep(0)
