@@ -72,7 +72,8 @@ def step_throughput(series: list[Series], config: VAEConfig, s1: int, s2: int) -
 def random_models(config: VAEConfig, k: int) -> list[SeriesModel]:
     p = init_params(config, list(range(k)))
     return [
-        SeriesModel(config, select(p, i), STEP, 0.0, 1.0, 10.0, 0.0, "spot", i, 0.0, 1.0, 1.0, 100)
+        SeriesModel(config, select(p, i), STEP, 0.0, 1.0, 10.0, 0.0, "spot", i, 0.0, 1.0, 1.0, 100,
+                    scale_stats=[(0.0, 1.0)] * len(config.score_scales))
         for i in range(k)
     ]
 

@@ -33,6 +33,8 @@ class SeriesModel:
     trained_at: float
     n_train: int
     train_loss: float = float("nan")
+    seasonality: tuple[bool, bool] = (True, True)  # (daily, weekly) cycles the model conditions on
+    scale_stats: list[tuple[float, float]] = field(default_factory=lambda: [])  # per score scale: (median, spread)
     extra: dict = field(default_factory=dict)
 
     def to(self, dtype: torch.dtype) -> "SeriesModel":

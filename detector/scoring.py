@@ -1,11 +1,12 @@
 """Scoring windows with many models in one pass: reconstruction probability, bands, flags.
 
-The raw score of the window ending at t is the negative log-likelihood of its newest
-`score_points` observed points under the model, Monte Carlo over L latent samples
-(Donut's reconstruction probability), attached to t: scores are causal. Using the newest
-points rather than the whole window makes a spike score high while it happens, not for the
-next `window` points as it slides through; the rest of the window still shapes the latent
-code, so the model judges the newest points in their context.
+The raw score of the window ending at t is the negative log-likelihood of its points under
+the model, Monte Carlo over L latent samples (Donut's reconstruction probability), attached
+to t: scores are causal. It is computed at several scales from one pass: the mean NLL of
+the newest n points for each n in `score_scales` (default the whole window and its newest
+half). The whole window catches slow changes of shape, the newest half reacts faster and
+fades sooner; each scale is standardised by its own training distribution and the mean is
+the combined raw score that the threshold is fitted on.
 """
 
 from __future__ import annotations
@@ -34,9 +35,26 @@ class Packed:
     m: torch.Tensor  # (K, T) float32 1 = observed
     t: torch.Tensor  # (K, T) float64 timestamps
     lengths: torch.Tensor  # (K,) int64
+    cond_mask: torch.Tensor  # (K, 4) float32: which time features each model may use
 
 
-def pack(series: Sequence[Series], centers: Sequence[float], scales: Sequence[float], clip: float) -> Packed:
+def seasonality_mask(span_seconds: float) -> tuple[bool, bool]:
+    """(daily, weekly): which cycles a training range of this length can teach.
+
+    A model conditioned on day of week but trained on two days would meet unseen inputs on
+    the other five and raise false alarms; a cycle is used once its period fits in the
+    training range twice (daily) or once (weekly, minus half a day of slack).
+    """
+    return span_seconds >= 2 * DAY, span_seconds >= WEEK - DAY / 2
+
+
+def pack(
+    series: Sequence[Series],
+    centers: Sequence[float],
+    scales: Sequence[float],
+    clip: float,
+    seasonality: Sequence[tuple[bool, bool]] | None = None,
+) -> Packed:
     k = len(series)
     length = max(1, max(len(s) for s in series))
     z = np.zeros((k, length), dtype=np.float32)
@@ -52,7 +70,9 @@ def pack(series: Sequence[Series], centers: Sequence[float], scales: Sequence[fl
         if 0 < n < length:  # keep padding times finite; they are never used
             t[i, n:] = s.timestamps[-1]
     lengths = torch.tensor([len(s) for s in series], dtype=torch.int64)
-    return Packed(torch.from_numpy(z), torch.from_numpy(m), torch.from_numpy(t), lengths)
+    seas = seasonality if seasonality is not None else [(True, True)] * k
+    cond_mask = torch.tensor([[d, d, w, w] for d, w in seas], dtype=torch.float32)
+    return Packed(torch.from_numpy(z), torch.from_numpy(m), torch.from_numpy(t), lengths, cond_mask)
 
 
 def valid_ends(packed: Packed, config: VAEConfig) -> torch.Tensor:
@@ -72,58 +92,44 @@ def valid_ends(packed: Packed, config: VAEConfig) -> torch.Tensor:
     return ok & inside
 
 
-def cond_features(t: torch.Tensor) -> torch.Tensor:
-    """(…,) float64 unix seconds -> (…, 4) float32 cyclic time of day and day of week."""
+def cond_features(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(K, E) float64 unix seconds, (K, 4) mask -> (K, E, 4) float32 cyclic time of day and
+    day of week; features a model may not use are 0."""
     day = 2 * math.pi * torch.remainder(t, DAY) / DAY
     week = 2 * math.pi * torch.remainder(t, WEEK) / WEEK
-    return torch.stack([day.sin(), day.cos(), week.sin(), week.cos()], dim=-1).float()
+    f = torch.stack([day.sin(), day.cos(), week.sin(), week.cos()], dim=-1).float()
+    return f * mask[:, None, :]
 
 
-def gather_windows(packed: Packed, ends: torch.Tensor, config: VAEConfig):
-    """Windows ending at `ends` (K, E): -> x, m (K, E, W), end times (K, E), level (K, E, 1).
-
-    With config.delevel, x is taken relative to the window's level: the mean of the observed
-    points before its newest `score_points` (its context). The model then learns shapes,
-    not absolute levels, so a series that drifts to a new level scores high while the
-    change is inside the window and is judged afresh once it is not: drift alone does not
-    keep alerting. Without delevel, level is 0.
-    """
+def gather_windows(packed: Packed, ends: torch.Tensor, window: int):
+    """Windows ending at `ends` (K, E): -> x, m (K, E, W) and end times (K, E)."""
     k, e = ends.shape
-    w = config.window
-    idx = (ends[..., None] - (w - 1) + torch.arange(w)).clamp_min(0).reshape(k, -1)
-    x = packed.z.gather(1, idx).reshape(k, e, w)
-    m = packed.m.gather(1, idx).reshape(k, e, w)
-    level = torch.zeros(k, e, 1)
-    if config.delevel:
-        ctx = w - config.score_points if config.score_points < w else w
-        mc = m[..., :ctx]
-        n_ctx = mc.sum(-1, keepdim=True)
-        ctx_mean = (x[..., :ctx] * mc).sum(-1, keepdim=True) / n_ctx.clamp_min(1)
-        all_mean = (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
-        level = torch.where(n_ctx > 0, ctx_mean, all_mean)
-        x = (x - level).clamp(-config.clip, config.clip) * m
-    return x, m, packed.t.gather(1, ends), level
+    idx = (ends[..., None] - (window - 1) + torch.arange(window)).clamp_min(0).reshape(k, -1)
+    x = packed.z.gather(1, idx).reshape(k, e, window)
+    m = packed.m.gather(1, idx).reshape(k, e, window)
+    return x, m, packed.t.gather(1, ends)
 
 
 @torch.inference_mode()
 def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tensor, seeds: Sequence[int]):
-    """Raw scores and newest-point reconstruction for windows ending at `ends` (K, E).
+    """Raw scores per scale and newest-point reconstruction for windows ending at `ends` (K, E).
 
-    Returns numpy (K, E) arrays: raw (NLL per point, higher = more anomalous), mu and std of
-    the newest point in normalised units. Chunked so memory stays bounded for long ranges.
+    Returns numpy arrays: raw (K, E, S) mean NLL of the newest n points for each n in
+    config.score_scales (higher = more anomalous), mu and std (K, E) of the newest point in
+    normalised units. Chunked so memory stays bounded for long ranges.
     """
     k, e = ends.shape
-    w, big_l, tail = config.window, config.mc_samples, config.score_points
+    w, big_l = config.window, config.mc_samples
     keys = rng.model_keys(list(seeds), rng.SCORE)
-    raw = np.empty((k, e), dtype=np.float64)
+    raw = np.empty((k, e, len(config.score_scales)), dtype=np.float64)
     mu_last = np.empty((k, e), dtype=np.float64)
     std_last = np.empty((k, e), dtype=np.float64)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, k * big_l * w))
     for a in range(0, e, chunk):
         b = min(e, a + chunk)
-        x, m, t_end, level = gather_windows(packed, ends[:, a:b], config)  # (K, c, W)
+        x, m, t_end = gather_windows(packed, ends[:, a:b], w)  # (K, c, W)
         c = b - a
-        cond = cond_features(t_end) if config.seasonal else None  # (K, c, 4)
+        cond = cond_features(t_end, packed.cond_mask) if config.seasonal else None  # (K, c, 4)
         mu_z, std_z = encode(p, config, x * m, cond)  # (K, c, Z)
         # Draws keyed by the window's end time: the same window always gets the same score,
         # whatever else is scored beside it.
@@ -135,14 +141,14 @@ def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tens
         mu_x = mu_x.reshape(k, c, big_l, w)
         std_x = std_x.reshape(k, c, big_l, w)
         logp = gaussian_logp(x[:, :, None, :], mu_x, std_x).mean(2)  # (K, c, W)
-        mt = m[:, :, -tail:]
-        nll_tail = -(logp[:, :, -tail:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
         nll_all = -(logp * m).sum(-1) / m.sum(-1).clamp_min(1)
-        # An unobserved tail (the newest points missing) falls back to the whole window.
-        r = torch.where(mt.sum(-1) > 0, nll_tail, nll_all)
-        mu_n = mu_x[..., -1].mean(-1) + level[..., 0]
+        for si, n in enumerate(config.score_scales):
+            mt = m[:, :, -n:]
+            nll = -(logp[:, :, -n:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
+            # An unobserved tail (the newest points missing) falls back to the whole window.
+            raw[:, a:b, si] = torch.where(mt.sum(-1) > 0, nll, nll_all).double().numpy()
+        mu_n = mu_x[..., -1].mean(-1)
         var_n = (std_x[..., -1] ** 2).mean(-1) + mu_x[..., -1].var(-1, unbiased=False)
-        raw[:, a:b] = r.double().numpy()
         mu_last[:, a:b] = mu_n.double().numpy()
         std_last[:, a:b] = var_n.sqrt().double().numpy()
     return raw, mu_last, std_last
@@ -181,13 +187,13 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
     """
     if len(models) != len(series):
         raise ValueError(f"{len(models)} models for {len(series)} series")
-    from .threshold import debounce_flags, normalise_scores
+    from .threshold import combine_scales, debounce_flags, normalise_scores, smooth_scores
 
     out: list[ScoreResult | None] = [None] * len(models)
     for config, idx in _groups(models).items():
         ms = [models[i] for i in idx]
         ss = [series[i] for i in idx]
-        packed = pack(ss, [m.center for m in ms], [m.scale for m in ms], config.clip)
+        packed = pack(ss, [m.center for m in ms], [m.scale for m in ms], config.clip, [m.seasonality for m in ms])
         length = packed.z.shape[1]
         ends = torch.arange(length).expand(len(ms), length).clone()
         valid = valid_ends(packed, config).numpy()
@@ -196,7 +202,9 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
         for j, (mdl, s) in enumerate(zip(ms, ss)):
             n = len(s)
             ok = valid[j, :n]
-            r = np.where(ok, raw[j, :n], np.nan)
+            combined = combine_scales(raw[j, :n], mdl.scale_stats)
+            r = smooth_scores(np.where(ok, combined, np.nan), config.smooth)
+            ok = ok & np.isfinite(r)
             score = normalise_scores(r, mdl.baseline_, mdl.threshold_)
             expected = np.where(ok, mu[j, :n] * mdl.scale + mdl.center, np.nan)
             half = np.where(ok, config.band_k * sd[j, :n] * mdl.scale, np.nan)

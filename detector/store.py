@@ -44,8 +44,14 @@ def _metadata(model: SeriesModel) -> dict:
         "config": model.config.to_dict(),
         "step": model.step,
         "normalisation": {"center": model.center, "scale": model.scale, "method": "median/iqr"},
-        "threshold": {"raw": model.threshold_, "baseline": model.baseline_, "method": model.threshold_method},
+        "threshold": {
+            "raw": model.threshold_,
+            "baseline": model.baseline_,
+            "method": model.threshold_method,
+            "scale_stats": [list(s) for s in model.scale_stats],
+        },
         "seed": model.seed,
+        "seasonality": {"daily": model.seasonality[0], "weekly": model.seasonality[1]},
         "training": {
             "from": model.trained_from,
             "to": model.trained_to,
@@ -143,6 +149,8 @@ def load_model_file(path: str | Path) -> SeriesModel:
             trained_at=float(tr["at"]),
             n_train=int(tr["points"]),
             train_loss=float(tr.get("loss", float("nan"))),
+            seasonality=(bool(meta["seasonality"]["daily"]), bool(meta["seasonality"]["weekly"])),
+            scale_stats=[(float(a), float(b)) for a, b in thr["scale_stats"]],
             extra=dict(meta.get("extra") or {}),
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -63,8 +63,14 @@ def inject(series: Series, kind: str, at: int, length: int, size: float, seed: i
     return Series(series.timestamps.copy(), v)
 
 
-def labelled_example(kind: str, n: int = 6 * 1440, train: int = 4 * 1440, seed: int = 0, step: float = 60.0) -> Labelled:
-    """A seasonal series with one anomaly of `kind` after the first `train` points."""
+def labelled_example(
+    kind: str, n: int = 6 * 1440, train: int = 4 * 1440, seed: int = 0, step: float = 60.0, after: int = 0
+) -> Labelled:
+    """A seasonal series with one anomaly of `kind` after the first `train` points.
+
+    Labels cover the anomaly plus `after` points: a window-based detector still sees an
+    event while it is inside its window, as NAB's labelled windows also allow.
+    """
     s = seasonal_series(n, step=step, seed=seed)
     r = np.random.default_rng(seed + 1000)
     at = int(r.integers(train + 60, n - 300))
@@ -72,5 +78,5 @@ def labelled_example(kind: str, n: int = 6 * 1440, train: int = 4 * 1440, seed: 
     size = {"spike": 40.0, "level_shift": 25.0, "seasonality_break": 20.0, "flatline": 0.0}[kind]
     out = inject(s, kind, at, length, size, seed=seed)
     labels = np.zeros(n)
-    labels[at : min(n, at + length)] = 1
+    labels[at : min(n, at + length + after)] = 1
     return Labelled(out, labels, [(kind, at, min(n, at + length))])

@@ -60,6 +60,50 @@ def normalise_scores(raw: np.ndarray, baseline: float, threshold: float) -> np.n
     return (np.asarray(raw, dtype=np.float64) - baseline) / span
 
 
+def scale_stats(raw: np.ndarray) -> list[tuple[float, float]]:
+    """(median, spread) of each scale's training scores, raw (N, S) -> S pairs.
+
+    spread = 99th percentile - median: robust, and puts every scale's tail on one footing.
+    """
+    out = []
+    for s in range(raw.shape[-1]):
+        x = raw[:, s][np.isfinite(raw[:, s])]
+        if len(x) == 0:
+            out.append((0.0, 1.0))
+            continue
+        med = float(np.median(x))
+        spread = float(np.quantile(x, 0.99) - med)
+        out.append((med, spread if spread > 1e-9 else max(float(np.std(x)), 1e-9)))
+    return out
+
+
+def combine_scales(raw: np.ndarray, stats: list[tuple[float, float]]) -> np.ndarray:
+    """Mean of the per-scale standardised scores: (N, S) -> (N,)."""
+    med = np.array([m for m, _ in stats])
+    spread = np.array([s for _, s in stats])
+    return ((np.asarray(raw, dtype=np.float64) - med) / spread).mean(-1)
+
+
+def smooth_scores(raw: np.ndarray, n: int) -> np.ndarray:
+    """Causal mean of the last n finite raw scores, (N,) -> (N,); NaN where the point is NaN
+    or fewer than n points are available yet (the first n-1)."""
+    r = np.asarray(raw, dtype=np.float64)
+    if n <= 1:
+        return r.copy()
+    ok = np.isfinite(r)
+    v = np.where(ok, r, 0.0)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    k = np.concatenate([[0], np.cumsum(ok)])
+    out = np.full(len(r), np.nan)
+    if len(r) >= n:
+        s = c[n:] - c[:-n]
+        cnt = k[n:] - k[:-n]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[n - 1 :] = np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
+    out[~ok] = np.nan
+    return out
+
+
 def debounce_flags(score: np.ndarray, n: int) -> np.ndarray:
     """1.0 where the last n points (this one included) all scored >= 1, else 0; NaN stays NaN.
 

@@ -21,13 +21,14 @@ from . import rng
 from .config import VAEConfig, min_train_points
 from .fitted import SeriesModel
 from .model import Params, flatten, init_params, m_elbo_loss, m_elbo_windows, select, unflatten
-from .scoring import Packed, cond_features, gather_windows, pack, score_windows, valid_ends
+from .scoring import Packed, cond_features, gather_windows, pack, score_windows, seasonality_mask, valid_ends
 from .series import Series, robust_stats
-from .threshold import spot_threshold
+from .threshold import combine_scales, scale_stats, smooth_scores, spot_threshold
 
 log = logging.getLogger(__name__)
 
 MAX_VAL_WINDOWS = 256  # validation windows per model, evenly spread over the held-back tail
+MAX_THRESHOLD_WINDOWS = 4096  # newest training windows scored per model to fit its threshold
 
 
 class InsufficientDataError(ValueError):
@@ -57,6 +58,11 @@ def _prepare(series: Sequence[Series], config: VAEConfig) -> tuple[list[_Prepare
     return ok, failed
 
 
+def _span(s: Series) -> float:
+    obs = np.isfinite(s.values)
+    return float(s.timestamps[obs][-1] - s.timestamps[obs][0]) if obs.any() else 0.0
+
+
 def _split(valid: torch.Tensor, config: VAEConfig):
     """Per model: training window ends and held-back tail ends, padded. valid (K, T) bool."""
     k = valid.shape[0]
@@ -80,8 +86,8 @@ def _split(valid: torch.Tensor, config: VAEConfig):
 
 
 def _batch(packed: Packed, ends: torch.Tensor, config: VAEConfig):
-    x, m, t_end, _ = gather_windows(packed, ends, config)
-    cond = cond_features(t_end) if config.seasonal else None
+    x, m, t_end = gather_windows(packed, ends, config.window)
+    cond = cond_features(t_end, packed.cond_mask) if config.seasonal else None
     return x, m, cond
 
 
@@ -115,7 +121,10 @@ def fit_many(
     if not prepared:
         return results
     seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
-    packed = pack([p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip)
+    seasonality = [seasonality_mask(_span(p.series)) for p in prepared]
+    packed = pack(
+        [p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip, seasonality
+    )
     valid = valid_ends(packed, config)
     keep = valid.sum(1) >= 2
     tr, n_tr, va, n_va = _split(valid, config)
@@ -171,18 +180,30 @@ def fit_many(
     best_p = unflatten(best, config)
 
     # Thresholds from each model's scores on its own training windows.
-    raw, _, _ = score_windows(best_p, config, packed, torch.arange(packed.z.shape[1]).expand(k, -1).clone(), seed_list)
+    # The newest MAX_THRESHOLD_WINDOWS window ends per model, contiguous so that smoothing
+    # sees what it sees when serving: 7 days at 1 minute would otherwise cost more to score
+    # than to train.
+    ends_l = []
+    for j in range(k):
+        last = int(packed.lengths[j]) - 1
+        first = max(config.window - 1, last - MAX_THRESHOLD_WINDOWS + 1)
+        ends_l.append(torch.arange(first, max(first, last) + 1))
+    n_ends = torch.tensor([len(e) for e in ends_l])
+    ends = torch.nn.utils.rnn.pad_sequence(ends_l, batch_first=True, padding_value=config.window - 1)
+    raw, _, _ = score_windows(best_p, config, packed, ends, seed_list)
     now = time.time()
-    valid_np = valid.numpy()
     for j, prep in enumerate(prepared):
         if not keep[j]:
             results[prep.index] = InsufficientDataError("fewer than 2 windows with enough observed points")
             continue
-        scores = raw[j][valid_np[j]]
+        e = ends[j, : int(n_ends[j])]
+        r = np.where(valid[j, e].numpy()[:, None], raw[j, : int(n_ends[j])], np.nan)  # (N, S)
+        stats = scale_stats(r)
+        scores = smooth_scores(combine_scales(r, stats), config.smooth)
         try:
             thr, method = spot_threshold(scores, config.risk, config.init_quantile)
-        except ValueError as e:
-            results[prep.index] = e
+        except ValueError as err:
+            results[prep.index] = err
             continue
         s = prep.series
         obs = np.isfinite(s.values)
@@ -193,13 +214,15 @@ def fit_many(
             center=prep.center,
             scale=prep.scale,
             threshold_=thr,
-            baseline_=float(np.median(scores)),
+            baseline_=float(np.nanmedian(scores)),
             threshold_method=method,
             seed=seed_list[j],
             trained_from=float(s.timestamps[obs][0]),
             trained_to=float(s.timestamps[obs][-1]),
             trained_at=now,
             n_train=int(obs.sum()),
+            seasonality=seasonality[j],
+            scale_stats=stats,
             train_loss=float(best_loss[j]),
         )
     log.debug("fit_many: %d models in %.1f s", k, time.time() - t_start)
@@ -209,7 +232,7 @@ def fit_many(
 def _subset(packed: Packed, rows: torch.Tensor) -> Packed:
     if len(rows) == packed.z.shape[0]:
         return packed
-    return Packed(packed.z[rows], packed.m[rows], packed.t[rows], packed.lengths[rows])
+    return Packed(packed.z[rows], packed.m[rows], packed.t[rows], packed.lengths[rows], packed.cond_mask[rows])
 
 
 class _Trainer:

@@ -14,4 +14,4 @@ torch.set_num_threads(2)
 @pytest.fixture
 def tiny_config() -> VAEConfig:
     """A model small enough to train in well under a second per series."""
-    return VAEConfig(window=16, hidden=(24, 24), latent=3, max_epochs=4, max_steps=40, batch_size=16, mc_samples=4, score_points=4)
+    return VAEConfig(window=16, hidden=(24, 24), latent=3, max_epochs=4, max_steps=40, batch_size=16, mc_samples=4, score_scales=(16, 8))

@@ -12,12 +12,17 @@ DAY = 288  # points per day at 5 minutes
 @pytest.fixture(scope="module")
 def quality_config() -> VAEConfig:
     # Smaller than the service default so the test stays fast; same architecture.
-    return VAEConfig(window=48, hidden=(64, 64), latent=6, max_steps=600, score_points=6)
+    return VAEConfig(window=48, hidden=(64, 64), latent=6, max_steps=600, score_scales=(48, 24))
 
 
 @pytest.fixture(scope="module")
 def trained(quality_config):
-    examples = {k: labelled_example(k, n=10 * DAY, train=6 * DAY, seed=i, step=STEP) for i, k in enumerate(ANOMALY_KINDS)}
+    # Labels run on for a window after the event: the detector sees it that long.
+    after = quality_config.window + quality_config.smooth
+    examples = {
+        k: labelled_example(k, n=10 * DAY, train=6 * DAY, seed=i, step=STEP, after=after)
+        for i, k in enumerate(ANOMALY_KINDS)
+    }
     heads = [Series(e.series.timestamps[: 6 * DAY], e.series.values[: 6 * DAY]) for e in examples.values()]
     models = fit_many(heads, STEP, quality_config)  # all four kinds in one batched training
     results = score_many(models, [e.series for e in examples.values()])
@@ -38,9 +43,14 @@ def test_injected_anomalies_rank_high(trained, kind):
 
 def test_quiet_stretches_rarely_flag(trained):
     examples, _, results = trained
+    false_alarms = 0
     for kind, e in examples.items():
         quiet = (e.labels == 0) & (np.arange(len(e.labels)) >= 6 * DAY)
-        assert np.nanmean(results[kind].flag[quiet]) < 0.02, kind
+        flagged = np.nan_to_num(results[kind].flag) * quiet
+        false_alarms += int(np.sum(np.diff(np.r_[0, flagged]) == 1))  # runs of flags
+        assert flagged.sum() / quiet.sum() < 0.03, kind
+    # Four days of quiet data per series, four series: at most one false alarm each.
+    assert false_alarms <= len(examples)
 
 
 def test_band_contains_most_normal_points_in_source_units(trained):

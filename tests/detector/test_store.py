@@ -13,7 +13,7 @@ from detector.synthetic import seasonal_series
 def model_and_series():
     from detector import VAEConfig
 
-    cfg = VAEConfig(window=16, hidden=(24, 24), latent=3, max_epochs=3, max_steps=30, batch_size=16, mc_samples=4, score_points=4)
+    cfg = VAEConfig(window=16, hidden=(24, 24), latent=3, max_epochs=3, max_steps=30, batch_size=16, mc_samples=4, score_scales=(16, 8))
     s = seasonal_series(400, step=300.0, seed=3)
     (m,) = fit_many([s], 300.0, cfg)
     return m, s
