@@ -10,15 +10,17 @@ MIN_PEAKS = 10  # fewer peaks than this cannot support a tail fit: fall back to 
 def fit_gpd_moments(peaks: np.ndarray) -> tuple[float, float]:
     """Generalised Pareto (shape gamma, scale sigma) of excesses by the method of moments.
 
-    Closed form, so a thousand models fit in microseconds; it is valid for gamma < 1/2, and
-    the shape is clipped to [-0.5, 0.45] because a dozen peaks cannot support more.
+    Closed form, so a thousand models fit in microseconds; it is valid for gamma < 1/2. The
+    shape is clipped to [0, 0.45]: a dozen peaks cannot show that a tail is bounded, and
+    believing so (gamma < 0) puts the threshold at the training maximum, where fresh data
+    crosses it all the time. gamma = 0 is the exponential tail, the conservative middle.
     """
     m = float(np.mean(peaks))
     v = float(np.var(peaks))
     if not v > 0:
         return 0.0, max(m, 1e-12)
     gamma = 0.5 * (1.0 - m * m / v)
-    gamma = float(np.clip(gamma, -0.5, 0.45))
+    gamma = float(np.clip(gamma, 0.0, 0.45))
     sigma = m * (1.0 - gamma)  # mean of a GPD is sigma / (1 - gamma)
     return gamma, max(sigma, 1e-12)
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_VAL_WINDOWS = 256  # validation windows per model, evenly spread over the held-back tail
 MAX_THRESHOLD_WINDOWS = 4096  # newest training windows scored per model to fit its threshold
+GAP_QUANTILE = 0.5  # the held-back tail's median gap: the more stable of the quantiles tried on NAB
 
 
 class InsufficientDataError(ValueError):
@@ -128,6 +129,7 @@ def fit_many(
     valid = valid_ends(packed, config)
     keep = valid.sum(1) >= 2
     tr, n_tr, va, n_va = _split(valid, config)
+    holdout = (tr.shape[1] == 0) | (va[:, 0] > tr.gather(1, (n_tr - 1).clamp_min(0)[:, None])[:, 0])
     k = len(prepared)
 
     flat0 = flatten(init_params(config, seed_list), config)  # (K, P)
@@ -198,6 +200,7 @@ def fit_many(
             continue
         e = ends[j, : int(n_ends[j])]
         r = np.where(valid[j, e].numpy()[:, None], raw[j, : int(n_ends[j])], np.nan)  # (N, S)
+        r = _held_out_shift(r, int((e >= int(va[j, 0])).sum()) if holdout[j] else 0)
         stats = scale_stats(r)
         scores = smooth_scores(combine_scales(r, stats), config.smooth)
         try:
@@ -233,6 +236,26 @@ def _subset(packed: Packed, rows: torch.Tensor) -> Packed:
     if len(rows) == packed.z.shape[0]:
         return packed
     return Packed(packed.z[rows], packed.m[rows], packed.t[rows], packed.lengths[rows], packed.cond_mask[rows])
+
+
+def _held_out_shift(raw: np.ndarray, n_val: int) -> np.ndarray:
+    """Shift in-sample scores by how much worse the model does on windows it never trained on.
+
+    raw (N, S): scores of the newest training windows, the last n_val of them the held-back
+    tail. A model scores the windows it was fitted on better than fresh data; fitting the
+    threshold on those scores alone puts it too low and floods on-call with false alarms.
+    Each scale's in-sample scores are moved up by the gap between the held-back and the
+    in-sample median (never down), so the threshold is fitted on scores as fresh data gets.
+    """
+    if n_val < 4 or n_val >= len(raw) - 4:
+        return raw
+    out = raw.copy()
+    fit, held = raw[:-n_val], raw[-n_val:]
+    with np.errstate(all="ignore"):
+        gap = np.nanquantile(held, GAP_QUANTILE, axis=0) - np.nanquantile(fit, GAP_QUANTILE, axis=0)  # (S,)
+    gap = np.where(np.isfinite(gap), np.maximum(gap, 0.0), 0.0)
+    out[:-n_val] += gap
+    return out
 
 
 class _Trainer:

@@ -67,3 +67,13 @@ def test_progress_reports_reach_the_total(tiny_config):
     seen = []
     fit_many([_series(400, s) for s in range(3)], 300.0, tiny_config, progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
+
+
+def test_held_out_gap_lifts_in_sample_scores_never_lowers_them():
+    from detector.train import _held_out_shift
+
+    raw = np.c_[np.r_[np.zeros(80), np.full(20, 3.0)], np.r_[np.full(80, 5.0), np.zeros(20)]]
+    out = _held_out_shift(raw, 20)
+    assert np.all(out[:80, 0] == 3.0) and np.all(out[80:, 0] == 3.0)  # lifted by the gap
+    assert np.all(out[:, 1] == raw[:, 1])  # held-back scores lower: nothing moves
+    assert _held_out_shift(raw, 2) is raw  # too short a tail to say anything
