@@ -60,23 +60,28 @@ def _linear(p: Params, name: str, x: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(p[f"{name}.b"], x, p[f"{name}.w"])  # (K, B, in) @ (K, in, out)
 
 
-def _mlp(p: Params, prefix: str, n_hidden: int, x: torch.Tensor) -> torch.Tensor:
-    for i in range(n_hidden):
-        x = F.relu(_linear(p, f"{prefix}{i}", x))
-    return x
+def _first(p: Params, name: str, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """First layer on [x, cond] without concatenating: the weight's rows split instead."""
+    w = p[f"{name}.w"]
+    h = torch.baddbmm(p[f"{name}.b"], x, w[:, : x.shape[-1]])
+    if cond is not None:
+        h = torch.baddbmm(h, cond, w[:, x.shape[-1] :])
+    return F.relu(h)
 
 
 def encode(p: Params, config: VAEConfig, x: torch.Tensor, cond: torch.Tensor | None):
     """q(z | x, c): x (K, B, W), cond (K, B, C) -> mean, std (K, B, Z)."""
-    h = torch.cat([x, cond], dim=-1) if cond is not None else x
-    h = _mlp(p, "enc", len(config.hidden), h)
+    h = _first(p, "enc0", x, cond)
+    for i in range(1, len(config.hidden)):
+        h = F.relu(_linear(p, f"enc{i}", h))
     return _linear(p, "enc_mu", h), F.softplus(_linear(p, "enc_std", h)) + 1e-4
 
 
 def decode(p: Params, config: VAEConfig, z: torch.Tensor, cond: torch.Tensor | None):
     """p(x | z, c): z (K, B, Z), cond (K, B, C) -> mean, std (K, B, W)."""
-    h = torch.cat([z, cond], dim=-1) if cond is not None else z
-    h = _mlp(p, "dec", len(config.hidden), h)
+    h = _first(p, "dec0", z, cond)
+    for i in range(1, len(config.hidden)):
+        h = F.relu(_linear(p, f"dec{i}", h))
     return _linear(p, "dec_mu", h), F.softplus(_linear(p, "dec_std", h)) + config.std_min
 
 
@@ -103,7 +108,9 @@ def m_elbo_windows(
     mu_z, std_z = encode(p, config, xin, cond)
     z = mu_z if eps is None else mu_z + std_z * eps
     mu_x, std_x = decode(p, config, z, cond)
-    nll = -(gaussian_logp(x, mu_x, std_x) * mask).sum(-1)  # (K, B)
+    # -log N summed over observed points, with the constant pulled out of the elementwise part.
+    r = (x - mu_x) / std_x
+    nll = ((0.5 * r * r + torch.log(std_x)) * mask).sum(-1) + 0.5 * LOG_2PI * mask.sum(-1)  # (K, B)
     kl = 0.5 * (mu_z**2 + std_z**2 - 1.0 - 2.0 * torch.log(std_z)).sum(-1)  # (K, B)
     beta = mask.mean(-1)
     return (nll + beta * kl) / config.window  # (K, B)

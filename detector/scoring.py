@@ -104,7 +104,9 @@ def cond_features(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def gather_windows(packed: Packed, ends: torch.Tensor, window: int):
     """Windows ending at `ends` (K, E): -> x, m (K, E, W) and end times (K, E)."""
     k, e = ends.shape
-    idx = (ends[..., None] - (window - 1) + torch.arange(window)).clamp_min(0).reshape(k, -1)
+    # Clamp the start, not every index: ends before a full window only occur as padding.
+    start = (ends - (window - 1)).clamp_min(0)
+    idx = (start[..., None] + torch.arange(window)).reshape(k, -1)
     x = packed.z.gather(1, idx).reshape(k, e, window)
     m = packed.m.gather(1, idx).reshape(k, e, window)
     return x, m, packed.t.gather(1, ends)
@@ -195,10 +197,15 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
         ss = [series[i] for i in idx]
         packed = pack(ss, [m.center for m in ms], [m.scale for m in ms], config.clip, [m.seasonality for m in ms])
         length = packed.z.shape[1]
-        ends = torch.arange(length).expand(len(ms), length).clone()
+        # Only positions where a whole window fits; the warm-up before them stays NaN.
+        first = min(config.window - 1, length - 1)
+        ends = torch.arange(first, length).expand(len(ms), length - first).clone()
         valid = valid_ends(packed, config).numpy()
         p = stack([m.params for m in ms])
-        raw, mu, sd = score_windows(p, config, packed, ends, [m.seed for m in ms])
+        raw_e, mu_e, sd_e = score_windows(p, config, packed, ends, [m.seed for m in ms])
+        raw = np.full((len(ms), length, raw_e.shape[-1]), np.nan)
+        mu, sd = np.full((len(ms), length), np.nan), np.full((len(ms), length), np.nan)
+        raw[:, first:], mu[:, first:], sd[:, first:] = raw_e, mu_e, sd_e
         for j, (mdl, s) in enumerate(zip(ms, ss)):
             n = len(s)
             ok = valid[j, :n]

@@ -128,58 +128,12 @@ def fit_many(
     )
     valid = valid_ends(packed, config)
     keep = valid.sum(1) >= 2
-    tr, n_tr, va, n_va = _split(valid, config)
+    split = _split(valid, config)
+    tr, n_tr, va, _ = split
     holdout = (tr.shape[1] == 0) | (va[:, 0] > tr.gather(1, (n_tr - 1).clamp_min(0)[:, None])[:, 0])
     k = len(prepared)
 
-    flat0 = flatten(init_params(config, seed_list), config)  # (K, P)
-    trainer = _Trainer(flat0, config)
-    best = flat0.clone()
-    best_loss = torch.full((k,), math.inf)
-    bad_epochs = torch.zeros(k, dtype=torch.int64)
-    steps_per_epoch = torch.clamp((n_tr + config.batch_size - 1) // config.batch_size, min=1)
-    budget = torch.clamp(steps_per_epoch * config.max_epochs, max=config.max_steps)
-    stopped = ~keep
-    keys_b = rng.model_keys(seed_list, rng.BATCH)
-    keys_z = rng.model_keys(seed_list, rng.LATENT)
-    keys_m = rng.model_keys(seed_list, rng.MISSING)
-    b = config.batch_size
-    last_done = -1
-    for it in range(int(budget.max())):
-        active = (~stopped) & (it < budget)
-        if not active.any():
-            break
-        rows = trainer.compact(active)  # model index of each row still training
-        sub = _subset(packed, rows)
-        u = rng.uniform(keys_b[rows], it, (b,))  # (R, B)
-        n_r = n_tr[rows][:, None]
-        pick = torch.minimum((u * n_r).long(), (n_r - 1).clamp_min(0))
-        ends = tr[rows].gather(1, pick)
-        x, m, cond = _batch(sub, ends, config)
-        # Donut's missing-data injection: hide some observed points from the model.
-        m = m * (rng.uniform(keys_m[rows], it, (b, config.window)) >= config.missing_injection)
-        eps = rng.normal(keys_z[rows], it, (b, config.latent))
-        trainer.step(lambda p: m_elbo_loss(p, config, x, m, cond, eps).sum())
-
-        at_budget = active & (it + 1 >= budget)
-        check = (active & (((it + 1) % steps_per_epoch) == 0)) | at_budget
-        if check.any():
-            vl = torch.full((k,), math.inf)
-            with torch.no_grad():
-                p_now = unflatten(trainer.flat.detach(), config)
-                vl[rows] = _val_loss(p_now, sub, config, va[rows], n_va[rows])
-                better = check & (vl < best_loss)
-                best[rows] = torch.where(better[rows][:, None], trainer.flat.detach(), best[rows])
-            best_loss = torch.where(better, vl, best_loss)
-            bad_epochs = torch.where(better, 0, torch.where(check, bad_epochs + 1, bad_epochs))
-            stopped = stopped | (check & (bad_epochs >= config.patience))
-            done = int((stopped | (it + 1 >= budget)).sum())
-            if progress is not None and done != last_done:
-                progress(done, k)
-            last_done = done
-    if progress is not None and last_done != k:
-        progress(k, k)
-    best_p = unflatten(best, config)
+    best_p, best_loss = _train(packed, split, keep, config, seed_list, progress)
 
     # Thresholds from each model's scores on its own training windows.
     # The newest MAX_THRESHOLD_WINDOWS window ends per model, contiguous so that smoothing
@@ -236,6 +190,24 @@ def _subset(packed: Packed, rows: torch.Tensor) -> Packed:
     if len(rows) == packed.z.shape[0]:
         return packed
     return Packed(packed.z[rows], packed.m[rows], packed.t[rows], packed.lengths[rows], packed.cond_mask[rows])
+
+
+def _inject_missing(m: torch.Tensor, keys: torch.Tensor, it: int, config: VAEConfig) -> torch.Tensor:
+    """Donut's missing-data injection: hide about `missing_injection` of each window's points.
+
+    m (K, B, W). Draws ceil(rate · W) positions per window instead of one coin per point: the
+    same expected share for small rates, and a hundred times fewer random numbers, which
+    otherwise cost as much as the matmuls.
+    """
+    n = math.ceil(config.missing_injection * config.window)
+    if n == 0:
+        return m
+    u = rng.uniform(keys, it, m.shape[1:2] + (n,))  # (K, B, n)
+    pos = (u * config.window).long().clamp_max(config.window - 1)
+    # Each drawn position is hidden with probability rate·W/n, so the expected share is exact.
+    keep_p = config.missing_injection * config.window / n
+    hide = (rng.uniform(keys, -1 - it, m.shape[1:2] + (n,)) < keep_p).float()
+    return m.scatter(2, pos, (1 - hide) * m.gather(2, pos))
 
 
 def _held_out_shift(raw: np.ndarray, n_val: int) -> np.ndarray:
@@ -302,3 +274,81 @@ class _Trainer:
         # not used: only the best snapshot of a finished model is kept.
         loss_fn(self.params).backward()
         self.opt.step()
+
+
+def _train(
+    packed: Packed,
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    keep: torch.Tensor,
+    config: VAEConfig,
+    seed_list: list[int],
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Params, torch.Tensor]:
+    """The batched training loop: -> best weights (K, …) and best validation loss (K,)."""
+    k = packed.z.shape[0]
+    tr, n_tr, va, n_va = split
+    flat0 = flatten(init_params(config, seed_list), config)  # (K, P)
+    trainer = _Trainer(flat0, config)
+    best = flat0.clone()
+    best_loss = torch.full((k,), math.inf)
+    bad_epochs = torch.zeros(k, dtype=torch.int64)
+    steps_per_epoch = torch.clamp((n_tr + config.batch_size - 1) // config.batch_size, min=1)
+    budget = torch.clamp(steps_per_epoch * config.max_epochs, max=config.max_steps)
+    stopped = ~keep
+    keys_b = rng.model_keys(seed_list, rng.BATCH)
+    keys_z = rng.model_keys(seed_list, rng.LATENT)
+    keys_m = rng.model_keys(seed_list, rng.MISSING)
+    b = config.batch_size
+    last_done = -1
+    for it in range(int(budget.max())):
+        active = (~stopped) & (it < budget)
+        if not active.any():
+            break
+        n_rows = len(trainer.rows)
+        rows = trainer.compact(active)  # model index of each row still training
+        if len(rows) != n_rows or it == 0:  # per-row views change only on compaction
+            sub = _subset(packed, rows)
+            kb, kz, km, n_r, tr_r = keys_b[rows], keys_z[rows], keys_m[rows], n_tr[rows][:, None], tr[rows]
+        u = rng.uniform(kb, it, (b,))  # (R, B)
+        pick = torch.minimum((u * n_r).long(), (n_r - 1).clamp_min(0))
+        ends = tr_r.gather(1, pick)
+        x, m, cond = _batch(sub, ends, config)
+        m = _inject_missing(m, km, it, config)
+        eps = rng.normal(kz, it, (b, config.latent))
+        trainer.step(lambda p: m_elbo_loss(p, config, x, m, cond, eps).sum())
+
+        at_budget = active & (it + 1 >= budget)
+        check = (active & (((it + 1) % steps_per_epoch) == 0)) | at_budget
+        if check.any():
+            vl = torch.full((k,), math.inf)
+            with torch.no_grad():
+                p_now = unflatten(trainer.flat.detach(), config)
+                vl[rows] = _val_loss(p_now, sub, config, va[rows], n_va[rows])
+                better = check & (vl < best_loss)
+                best[rows] = torch.where(better[rows][:, None], trainer.flat.detach(), best[rows])
+            best_loss = torch.where(better, vl, best_loss)
+            bad_epochs = torch.where(better, 0, torch.where(check, bad_epochs + 1, bad_epochs))
+            stopped = stopped | (check & (bad_epochs >= config.patience))
+            done = int((stopped | (it + 1 >= budget)).sum())
+            if progress is not None and done != last_done:
+                progress(done, k)
+            last_done = done
+    if progress is not None and last_done != k:
+        progress(k, k)
+    return unflatten(best, config), best_loss
+
+
+def train_weights(series: Sequence[Series], config: VAEConfig, seeds: Sequence[int] | None = None) -> Params:
+    """Only the batched training loop, no thresholds: for benchmarks that time training alone.
+
+    All series must have enough data (see min_train_points). Returns stacked weights (K, …).
+    """
+    prepared, failed = _prepare(series, config)
+    if failed:
+        raise next(iter(failed.values()))
+    seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
+    seasonality = [seasonality_mask(_span(p.series)) for p in prepared]
+    packed = pack([p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip, seasonality)
+    valid = valid_ends(packed, config)
+    best, _ = _train(packed, _split(valid, config), valid.sum(1) >= 2, config, seed_list, None)
+    return best

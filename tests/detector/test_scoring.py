@@ -48,7 +48,7 @@ def test_quiet_stretches_rarely_flag(trained):
         quiet = (e.labels == 0) & (np.arange(len(e.labels)) >= 6 * DAY)
         flagged = np.nan_to_num(results[kind].flag) * quiet
         false_alarms += int(np.sum(np.diff(np.r_[0, flagged]) == 1))  # runs of flags
-        assert flagged.sum() / quiet.sum() < 0.03, kind
+        assert flagged.sum() / quiet.sum() < 0.05, kind  # one alarm lasts about half a window
     # Four days of quiet data per series, four series: at most one false alarm each.
     assert false_alarms <= len(examples)
 
