@@ -34,7 +34,7 @@ class VAEConfig:
     # them (see scoring.py). Whole window and its newest half: measured on NAB, the pair
     # ranks anomalies better than either alone.
     score_scales: tuple[int, ...] = (120, 60)
-    smooth: int = 12  # raw scores are averaged over the newest windows: fewer, longer alarms
+    smooth: int = 18  # raw scores are averaged over the newest windows: fewer, longer alarms
     band_k: float = 3.0  # band = expected ± band_k · std
     risk: float = 1e-3  # SPOT risk q: expected share of training windows above the threshold
     init_quantile: float = 0.98  # SPOT initial threshold (peaks are fitted above it)
