@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import math
 import time
-from typing import Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from typing import TextIO
 
 import numpy as np
 
@@ -101,15 +103,15 @@ CSV_HEADER = ("timestamp", "value", "score", "flag", "expected", "lower", "upper
 
 def _parse_time(text: str) -> float:
     """Unix seconds, or an ISO 8601 / NAB 'YYYY-MM-DD HH:MM:SS' time (UTC if no zone)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
         return float(text)
     except ValueError:
         pass
-    dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    dt = datetime.fromisoformat(text.strip())
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 

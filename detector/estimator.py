@@ -33,7 +33,7 @@ class Detector:
             raise RuntimeError("this Detector is not fitted yet: call fit() first")
         return self.model_
 
-    def fit(self, values: np.ndarray, timestamps: np.ndarray | None = None) -> "Detector":
+    def fit(self, values: np.ndarray, timestamps: np.ndarray | None = None) -> Detector:
         (result,) = fit_many([self._series(values, timestamps)], self.step, self.config)
         if isinstance(result, Exception):
             raise result
@@ -62,7 +62,7 @@ class Detector:
         save_model(self._check(), directory, name)
 
     @classmethod
-    def load(cls, directory: str, name: str) -> "Detector":
+    def load(cls, directory: str, name: str) -> Detector:
         model = load_model(directory, name)
         d = cls(model.config, model.step)
         d.model_ = model

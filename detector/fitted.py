@@ -34,9 +34,9 @@ class SeriesModel:
     n_train: int
     train_loss: float = float("nan")
     seasonality: tuple[bool, bool] = (True, True)  # (daily, weekly) cycles the model conditions on
-    scale_stats: list[tuple[float, float]] = field(default_factory=lambda: [])  # per score scale: (median, spread)
+    scale_stats: list[tuple[float, float]] = field(default_factory=list)  # per score scale: (median, spread)
     extra: dict = field(default_factory=dict)
 
-    def to(self, dtype: torch.dtype) -> "SeriesModel":
+    def to(self, dtype: torch.dtype) -> SeriesModel:
         self.params = {k: v.to(dtype) for k, v in self.params.items()}
         return self

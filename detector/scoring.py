@@ -12,8 +12,8 @@ the combined raw score that the threshold is fitted on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

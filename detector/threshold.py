@@ -87,21 +87,22 @@ def combine_scales(raw: np.ndarray, stats: list[tuple[float, float]]) -> np.ndar
 
 
 def smooth_scores(raw: np.ndarray, n: int) -> np.ndarray:
-    """Causal mean of the last n finite raw scores, (N,) -> (N,); NaN where the point is NaN
-    or fewer than n points are available yet (the first n-1)."""
+    """Causal mean of the finite raw scores among the last n points, (N,) -> (N,).
+
+    NaN where the point itself is NaN. Near the start (or after a gap) fewer than n scores
+    are averaged; give `lead_in_points` of history for the full n.
+    """
     r = np.asarray(raw, dtype=np.float64)
-    if n <= 1:
-        return r.copy()
     ok = np.isfinite(r)
-    v = np.where(ok, r, 0.0)
-    c = np.concatenate([[0.0], np.cumsum(v)])
+    if n <= 1:
+        return np.where(ok, r, np.nan)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, r, 0.0))])
     k = np.concatenate([[0], np.cumsum(ok)])
-    out = np.full(len(r), np.nan)
-    if len(r) >= n:
-        s = c[n:] - c[:-n]
-        cnt = k[n:] - k[:-n]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[n - 1 :] = np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
+    lo = np.maximum(np.arange(1, len(r) + 1) - n, 0)
+    hi = np.arange(1, len(r) + 1)
+    cnt = k[hi] - k[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (c[hi] - c[lo]) / np.maximum(cnt, 1)
     out[~ok] = np.nan
     return out
 

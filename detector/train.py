@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,15 @@ from . import rng
 from .config import VAEConfig, min_train_points
 from .fitted import SeriesModel
 from .model import Params, flatten, init_params, m_elbo_loss, m_elbo_windows, select, unflatten
-from .scoring import Packed, cond_features, gather_windows, pack, score_windows, seasonality_mask, valid_ends
+from .scoring import (
+    Packed,
+    cond_features,
+    gather_windows,
+    pack,
+    score_windows,
+    seasonality_mask,
+    valid_ends,
+)
 from .series import Series, robust_stats
 from .threshold import combine_scales, scale_stats, smooth_scores, spot_threshold
 
@@ -268,11 +276,12 @@ class _Trainer:
             self.rows = self.rows[keep]
         return self.rows
 
-    def step(self, loss_fn) -> None:
+    def step(self, x: torch.Tensor, m: torch.Tensor, cond: torch.Tensor | None, eps: torch.Tensor) -> None:
+        """One Adam step of every row on its own minibatch x, m (R, B, W)."""
         self.opt.zero_grad(set_to_none=True)
         # Rows of models that are done still compute (until compaction) but their loss is
         # not used: only the best snapshot of a finished model is kept.
-        loss_fn(self.params).backward()
+        m_elbo_loss(self.params, self.config, x, m, cond, eps).sum().backward()
         self.opt.step()
 
 
@@ -315,7 +324,7 @@ def _train(
         x, m, cond = _batch(sub, ends, config)
         m = _inject_missing(m, km, it, config)
         eps = rng.normal(kz, it, (b, config.latent))
-        trainer.step(lambda p: m_elbo_loss(p, config, x, m, cond, eps).sum())
+        trainer.step(x, m, cond, eps)
 
         at_budget = active & (it + 1 >= budget)
         check = (active & (((it + 1) % steps_per_epoch) == 0)) | at_budget

@@ -40,3 +40,16 @@ def test_debounce_needs_consecutive_points_and_nan_breaks_runs():
     f = debounce_flags(s, 2)
     np.testing.assert_array_equal(f[:5], [0, 0, 0, 1, 1])
     assert np.isnan(f[5]) and f[6] == 0 and f[7] == 1
+
+
+def test_smoothing_is_a_causal_mean_over_finite_scores():
+    from detector.threshold import smooth_scores
+
+    r = np.array([np.nan, 2.0, 4.0, np.nan, 6.0, 8.0])
+    s = smooth_scores(r, 3)
+    assert np.isnan(s[0]) and np.isnan(s[3])
+    np.testing.assert_allclose(s[[1, 2, 4, 5]], [2.0, 3.0, 5.0, 7.0])
+    # The future never changes the past.
+    r2 = r.copy()
+    r2[-1] = 1e9
+    np.testing.assert_array_equal(smooth_scores(r2, 3)[:-1], s[:-1])
