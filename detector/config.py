@@ -33,7 +33,7 @@ class VAEConfig:
     # Newest points of the window whose NLL each make one score; the anomaly score combines
     # them (see scoring.py). Whole window and its newest half: measured on NAB, the pair
     # ranks anomalies better than either alone.
-    score_scales: tuple[int, ...] = (120, 60)
+    score_scales: tuple[int, ...] = ()  # empty: (window, window // 2)
     smooth: int = 18  # raw scores are averaged over the newest windows: fewer, longer alarms
     band_k: float = 3.0  # band = expected ± band_k · std
     risk: float = 1e-3  # SPOT risk q: expected share of training windows above the threshold
@@ -43,7 +43,8 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        object.__setattr__(self, "score_scales", tuple(int(s) for s in self.score_scales))
+        scales = tuple(int(s) for s in self.score_scales) or (self.window, max(1, self.window // 2))
+        object.__setattr__(self, "score_scales", scales)
         problems = []
         if self.window < 2:
             problems.append("window must be at least 2")

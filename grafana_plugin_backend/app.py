@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from . import query_api
 from .config import Config, describe
 from .demo import QUERIES as DEMO_QUERIES
 from .demo import DemoSource
@@ -60,10 +61,11 @@ class Service:
         app.extensions["promvae"] = self
 
     def is_ready(self) -> bool:
-        """Ready (and stays so) once stored models are loaded and no series awaits a first model."""
+        """Ready (and stays so) once stored models are loaded and every known series has had
+        its first training attempt (after a successful poll, or with loaded models)."""
         if not self.ready.is_set() and self.trainer.loaded_once:
             counts = self.registry.counts_by_state()
-            if counts[READY] or (self.poller.polls_ok and not counts[PENDING]):
+            if not counts[PENDING] and (counts[READY] or self.poller.polls_ok):
                 self.ready.set()
         return self.ready.is_set()
 
@@ -73,7 +75,7 @@ class Service:
             return 0
         self._opened = True
         self.store.prepare()
-        n = restore(self.registry, self.store.read_index())
+        n = restore(self.registry, self.store.read_index(), self.clock())
         if n:
             log.info("restored %d series from %s", n, self.store.index_path)
         return n
@@ -124,6 +126,7 @@ def create_app(config: Config, *, service: Service | None = None,
     service.init_app(app)
     app.register_blueprint(exposition_bp)
     app.register_blueprint(status_bp)
+    query_api.init_app(app)
     if start_background:
         service.start()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,8 +19,8 @@ _FLAG_KEYS = {"web_listen_address": "listen_address", "storage_path": "storage_p
 
 def _setup_logging(level: str) -> None:
     level = {"warn": "warning"}.get(level.lower(), level.lower())
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the service (poll, train, serve /metrics)")
     s.add_argument("--config.file", dest="config_file", metavar="FILE",
-                   help="YAML config (default: none; without prometheus.url the built-in demo runs)")
+                   help="YAML config (default: none; without prometheus.url the demo runs)")
     s.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR",
                    help="address to serve on (default :8080)")
     s.add_argument("--storage.path", dest="storage_path", metavar="DIR",
@@ -89,19 +90,16 @@ def _backtest(args: argparse.Namespace, cfg: Config) -> int:
         print(f"promvae backtest: {message}", file=sys.stderr)
 
     try:
-        stream = open(args.input) if args.input else sys.stdin
+        with contextlib.ExitStack() as stack:
+            stream = stack.enter_context(open(args.input)) if args.input else sys.stdin
+            incidents = run_backtest_csv(stream, sys.stdout, cfg.vae_config(),
+                                         train_points=args.train_points, log=progress)
     except OSError as e:
         print(f"promvae backtest: cannot read {args.input}: {e.strerror}", file=sys.stderr)
         return 1
-    try:
-        incidents = run_backtest_csv(stream, sys.stdout, cfg.vae_config(),
-                                     train_points=args.train_points, log=progress)
     except ValueError as e:
         print(f"promvae backtest: {e}", file=sys.stderr)
         return 1
-    finally:
-        if args.input:
-            stream.close()
     progress(f"{len(incidents)} incidents flagged")
     for first, last, peak in incidents:
         progress(f"  {first} .. {last}  peak score {peak:.2f}")

@@ -1,4 +1,4 @@
-"""Configuration: YAML file, PROMVAE_* environment variables and flags build one validated object."""
+"""Configuration: a YAML file, PROMVAE_* environment variables and flags build one object."""
 
 from __future__ import annotations
 
@@ -35,9 +35,7 @@ class ConfigError(ValueError):
 
 def parse_duration(value: Any) -> float:
     """Seconds from a Prometheus-style duration ("60s", "1h30m", "7d") or a plain number."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         text = str(value).strip()
@@ -111,6 +109,7 @@ class Config:
     max_catchup: float = 86400.0       # after downtime, score at most this much missed data
     keep_scores: float = 3600.0        # recent scored points kept per series (status API)
     poll_delay: float = 0.0            # poll up to now - poll_delay (late-arriving samples)
+    torch_threads: int = 1             # CPU threads per torch op; 1 keeps scoring responsive
     storage_path: str = "data"
     listen_address: str = ":8080"
     log_level: str = "info"
@@ -122,7 +121,10 @@ class Config:
         return not self.prometheus.url
 
     def vae_config(self) -> Any:
-        """The detector's VAEConfig: `model:` overrides plus the top-level window."""
+        """The detector's VAEConfig: `model:` overrides plus the top-level window.
+
+        Sizes counted in points of a window (score_scales) follow `window` unless set.
+        """
         from detector import VAEConfig
 
         return VAEConfig(**{**self.model, "window": self.window})
@@ -201,7 +203,7 @@ def _convert(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise ValueError(f"not a list: {value!r}")
+            raise ValueError(f"not a list: {value!r}")  # noqa: TRY004 - reported as a bad key
         try:
             return tuple(type(default[0])(str(v).strip()) if default else v for v in items)
         except ValueError:
@@ -315,6 +317,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for key in ("poll_every", "retrain_every", "series_ttl"):
         if getattr(cfg, key) <= 0:
             errors.append(f"{key}: must be positive")
+    if cfg.torch_threads < 0:
+        errors.append("torch_threads: must be 0 (torch's default) or a positive count")
     if cfg.max_series < 1:
         errors.append("max_series: must be at least 1")
     names = [q.name for q in cfg.queries]
@@ -348,7 +352,7 @@ def _validate_model(cfg: Config, errors: list[str]) -> dict[str, Any]:
                 model[k] = _convert(f"model.{k}", v, defaults[k])
             except ValueError as e:
                 errors.append(f"model.{k}: {e}")
-    if not any(e.startswith("model.") or e.startswith("window:") for e in errors):
+    if cfg.window >= 2 and not any(e.startswith(("model.", "window:")) for e in errors):
         try:
             dataclasses.replace(cfg, model=model).vae_config()
         except (TypeError, ValueError) as e:
@@ -409,10 +413,15 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     return cfg
 
 
+def redact_url(url: str) -> str:
+    """`url` without credentials in its user-info part (http://user:pw@host -> http://host)."""
+    return re.sub(r"^(\w+://)[^/@]*@", r"\1", url)
+
+
 def describe(cfg: Config) -> str:
     """A one-line, secret-free summary of `cfg` for logs."""
     src = ("built-in demo with its own queries" if cfg.demo
-           else f"prometheus {cfg.prometheus.url}, {len(cfg.queries)} queries")
+           else f"prometheus {redact_url(cfg.prometheus.url)}, {len(cfg.queries)} queries")
     return (f"{src}, step {format_duration(cfg.step)}, "
             f"history {format_duration(cfg.history)}, window {cfg.window}, "
             f"poll every {format_duration(cfg.poll_every)}, retrain every "

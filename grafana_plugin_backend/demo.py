@@ -172,7 +172,7 @@ class DemoSource:
         end = min(end, self._clock())
         if end < start:
             return []
-        grid = start + step * np.arange(int(math.floor((end - start) / step + 1e-9)) + 1)
+        grid = start + step * np.arange(math.floor((end - start) / step + 1e-9) + 1)
         grid = grid[grid >= self.t0 - HISTORY]
         if len(grid) == 0:
             return []

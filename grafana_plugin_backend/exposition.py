@@ -7,16 +7,24 @@ import platform
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app
-from prometheus_client import (CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram,
-                               ProcessCollector, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import __version__
 from .state import STATES, Registry
 
 ANOMALY_METRICS = {
-    "anomaly_score": ("score", "Anomaly score normalised by the learned threshold: "
-                               "1.0 = at threshold, above 1 = anomalous."),
+    "anomaly_score": ("score", ("Anomaly score normalised by the learned threshold: "
+                               "1.0 = at threshold, above 1 = anomalous.")),
     "anomaly_flag": ("flag", "1 while the series is judged anomalous (score >= 1, debounced)."),
     "anomaly_expected": ("expected", "Expected value of the source series, in its own units."),
     "anomaly_lower": ("lower", "Lower edge of the expected band, in source units."),
@@ -38,7 +46,8 @@ class SelfMetrics:
             "promvae_poll_duration_seconds", "Duration of one poll of all queries (incl. scoring).",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         self.poll_errors = Counter("promvae_poll_errors_total",
-                                   "Failed polls or scoring passes by reason.", ["reason"], registry=r)
+                                   "Failed polls or scoring passes by reason.", ["reason"],
+                                   registry=r)
         self.last_poll = Gauge("promvae_last_successful_poll_timestamp_seconds",
                                "Unix time of the last poll in which every query succeeded.",
                                registry=r)
@@ -49,7 +58,7 @@ class SelfMetrics:
             "promvae_training_duration_seconds", "Duration of one training batch (fit and save).",
             buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.training_errors = Counter("promvae_training_errors_total",
-                                       "Series whose training, saving or loading failed, by reason.",
+                                       "Series whose training, saving or loading failed.",
                                        ["reason"], registry=r)
         self.models_trained = Counter("promvae_models_trained_total",
                                       "Models trained (first training and retraining).", registry=r)
@@ -80,7 +89,8 @@ class StateCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        families = {name: GaugeMetricFamily(name, doc) for name, (_, doc) in ANOMALY_METRICS.items()}
+        families = {name: GaugeMetricFamily(name, doc)
+                    for name, (_, doc) in ANOMALY_METRICS.items()}
         with self._registry.lock:
             rows = [(s.exposed, s.last_result()) for s in self._registry.all()]
             counts = self._registry.counts_by_state()
@@ -111,6 +121,7 @@ class StateCollector:
 
 def build_registry(state: Registry) -> tuple[CollectorRegistry, SelfMetrics]:
     """A fresh CollectorRegistry with the state collector, self-metrics and process metrics."""
+    disable_created_metrics()  # *_created samples are noise for a scrape target like this
     reg = CollectorRegistry(auto_describe=False)
     metrics = SelfMetrics(reg)
     reg.register(StateCollector(state))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from .config import PrometheusConfig
+from .config import PrometheusConfig, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def chunk_ranges(start: float, end: float, step: float,
     """Split the grid start..end (inclusive) into ranges of at most `max_points` points."""
     if end < start:
         return []
-    n = int(math.floor((end - start) / step + 1e-9)) + 1
+    n = math.floor((end - start) / step + 1e-9) + 1
     out = []
     for first in range(0, n, max_points):
         last = min(first + max_points, n) - 1
@@ -123,7 +123,7 @@ class PrometheusSource:
                                          timeout=cfg.timeout, method=cfg.method.upper())
 
     def describe(self) -> str:
-        return f"prometheus {self._cfg.url}"
+        return f"prometheus {redact_url(self._cfg.url)}"
 
     def close(self) -> None:
         self._client.close()
@@ -146,8 +146,8 @@ class PrometheusSource:
 
     def _query_chunk(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
         self._refresh_token()
-        t0 = datetime.fromtimestamp(start, tz=timezone.utc)
-        t1 = datetime.fromtimestamp(end, tz=timezone.utc)
+        t0 = datetime.fromtimestamp(start, tz=UTC)
+        t1 = datetime.fromtimestamp(end, tz=UTC)
         try:
             result = self._client.custom_query_range(expr, t0, t1, f"{step:g}")
         except requests.JSONDecodeError as e:
@@ -157,7 +157,8 @@ class PrometheusSource:
         except requests.ConnectionError as e:
             if "timed out" in str(e).lower():
                 raise SourceError("timeout", "Prometheus timed out") from None
-            raise SourceError("connection", f"cannot reach Prometheus at {self._cfg.url}") from None
+            raise SourceError("connection",
+                              f"cannot reach Prometheus at {redact_url(self._cfg.url)}") from None
         except requests.RequestException as e:
             raise SourceError("http", f"request to Prometheus failed: {type(e).__name__}") from None
         except PrometheusApiClientException as e:

@@ -90,7 +90,7 @@ class SeriesState:
     def trim(self, step: float, lead_in: int, max_points: int) -> None:
         """Drop raw points no longer needed as lead-in for the next points to score."""
         keep_from = -math.inf
-        if self.state == READY and math.isfinite(self.scored_to):
+        if math.isfinite(self.scored_to):  # a model exists or is about to load
             keep_from = self.scored_to - lead_in * step
         elif len(self.buf_ts):
             keep_from = self.buf_ts[-1] - lead_in * step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, render_template_string, request
@@ -22,7 +22,7 @@ def _num(x: float | None) -> float | None:
 def _iso(t: float | None) -> str:
     if t is None or not math.isfinite(t):
         return ""
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def model_status(s: SeriesState) -> dict[str, Any]:
@@ -110,7 +110,8 @@ code{font-size:13px}.muted{color:#777}
 &middot; {{ "ready" if ready else "not ready yet (loading or training the first models)" }}
 &middot; {{ anomalous }} anomalous now</p>
 <p>Last successful poll: {{ last_poll or "none yet" }}. Training: {{ training }}.</p>
-<p><a href="/metrics">/metrics</a> &middot; <a href="/api/v1/status/models">/api/v1/status/models</a>
+<p><a href="/metrics">/metrics</a>
+&middot; <a href="/api/v1/status/models">/api/v1/status/models</a>
 &middot; <a href="/-/ready">/-/ready</a></p>
 <table><tr><th>query</th><th>labels</th><th>state</th><th class="num">score</th><th>flag</th>
 <th class="num">observed</th><th class="num">expected [lower, upper]</th><th>model trained</th></tr>

@@ -1,4 +1,4 @@
-"""The model store: model files under --storage.path plus an index of series labels and positions."""
+"""The model store: model files under --storage.path plus an index of labels and positions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from detector import load_model, save_model
 
-from .state import READY, Registry
+from .state import Registry
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class ModelStore:
         """Create the storage directories; OSError with a sentence if that is impossible."""
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe.", delete=True)
-            probe.close()
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe."):
+                pass
         except OSError as e:
             raise OSError(e.errno, f"storage path {self.root} is not writable: "
                                    f"{e.strerror or e}") from e
@@ -100,8 +100,11 @@ def index_of(registry: Registry) -> dict[str, Any]:
                 "series": series, "vanished": dict(registry.vanished)}
 
 
-def restore(registry: Registry, data: dict[str, Any]) -> int:
-    """Register the series of a previous run's index (state pending, models on disk)."""
+def restore(registry: Registry, data: dict[str, Any], now: float) -> int:
+    """Register the series of a previous run's index (state pending, models on disk).
+
+    A series without a known last sample counts as present `now`, so its TTL still runs.
+    """
     n = 0
     with registry.lock:
         for entry in data.get("series", []):
@@ -113,7 +116,7 @@ def restore(registry: Registry, data: dict[str, Any]) -> int:
                 continue
             s = registry.restore(query, labels,
                                  float(scored) if scored is not None else math.nan,
-                                 float(present) if present is not None else math.nan)
+                                 float(present) if present is not None else now)
             if s is not None:
                 s.stored = bool(entry.get("stored", True))
                 n += 1
@@ -137,6 +140,3 @@ def collect_garbage(registry: Registry, store: ModelStore, retention: float, now
         store.delete(sid)
     return len(old)
 
-
-def ready_count(registry: Registry) -> int:
-    return sum(1 for s in registry.all() if s.state == READY)

@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from detector import (InsufficientDataError, ModelFileError, Series, fit_many, lead_in_points,
-                      min_train_points, regularize)
+from detector import (
+    InsufficientDataError,
+    ModelFileError,
+    Series,
+    fit_many,
+    lead_in_points,
+    min_train_points,
+    regularize,
+)
 
 from .config import Config, QueryConfig, format_duration
 from .exposition import SelfMetrics
@@ -100,23 +107,24 @@ class Trainer:
             loaded += 1
         if loaded:
             log.info("loaded %d stored models from %s", loaded, self.store.models_dir)
+            if self.on_trained is not None:
+                self.on_trained()  # score what was missed right away
         return loaded
 
     def due(self, now: float) -> list[SeriesState]:
         """Series that need training now: new, grown past insufficient, failed long ago, or old."""
-        out = []
         with self.registry.lock:
-            for s in self.registry.all():
-                if s.state == PENDING and not s.stored:
-                    out.append(s)
-                elif s.state == INSUFFICIENT and s.observed_estimate >= self.min_points:
-                    out.append(s)
-                elif s.state in (INSUFFICIENT, FAILED) and now - s.last_attempt >= self.retry_after:
-                    out.append(s)
-                elif s.state == READY and now - s.model.trained_at >= self.cfg.retrain_every \
-                        and now - s.last_attempt >= self.retry_after:
-                    out.append(s)
-        return out
+            return [s for s in self.registry.all() if self._is_due(s, now)]
+
+    def _is_due(self, s: SeriesState, now: float) -> bool:
+        retry = now - s.last_attempt >= self.retry_after
+        if s.state == PENDING:
+            return not s.stored  # stored models are loaded, not trained
+        if s.state == INSUFFICIENT:
+            return s.observed_estimate >= self.min_points or retry
+        if s.state == FAILED:
+            return retry
+        return retry and now - s.model.trained_at >= self.cfg.retrain_every
 
     def run_once(self) -> int:
         """Load new stored models, then train every due series in one batch; returns models fit."""
@@ -221,7 +229,7 @@ class Trainer:
         try:
             self.store.save(s.id, model)
             stored = True
-        except Exception as e:  # e.g. disk full: the model still serves from memory
+        except Exception as e:  # noqa: BLE001 - e.g. disk full: the model serves from memory
             self.metrics.training_errors.labels("save").inc()
             log.error("cannot save the model of %s %s (kept in memory): %s", s.query, s.exposed, e)
             stored = False

@@ -18,8 +18,8 @@ from grafana_plugin_backend.promclient import RangeSeries, SourceError
 T0 = 1_700_006_400.0  # a multiple of 60 s (and of a day), so grids line up
 
 # A VAE small enough to train in a second or two.
-TINY_MODEL = {"hidden": [8], "latent": 2, "score_points": 4, "max_epochs": 2, "max_steps": 8, "mc_samples": 2,
-              "batch_size": 16, "patience": 1}
+TINY_MODEL = {"hidden": [8], "latent": 2, "score_scales": [4], "max_epochs": 2, "max_steps": 8,
+              "mc_samples": 2, "batch_size": 16, "patience": 1}
 TINY_WINDOW = 16
 
 
@@ -70,7 +70,7 @@ class FakeSource:
         if self.fail:
             raise SourceError(self.fail, f"fake failure: {self.fail}")
         end = min(end, self.clock())
-        grid = start + step * np.arange(max(0, int(math.floor((end - start) / step + 1e-9)) + 1))
+        grid = start + step * np.arange(max(0, math.floor((end - start) / step + 1e-9) + 1))
         grid = grid[grid >= self.start]
         out = []
         for key, fn in self.series.get(expr, {}).items():
@@ -156,8 +156,9 @@ class FakeFit:
         out: list[Any] = []
         for i, s in enumerate(series):
             err = self.fail_if(s)
+            n_obs = int(np.isfinite(s.values).sum())
             out.append(err if err is not None else FakeModel(
-                config, step, float(s.timestamps[-1]), self.clock(), int(np.isfinite(s.values).sum()),
+                config, step, float(s.timestamps[-1]), self.clock(), n_obs,
                 tag=f"fit{len(self.calls)}"))
             if progress is not None:
                 progress(i + 1, len(series))

@@ -142,3 +142,34 @@ def test_corrupt_model_file_is_retrained(world, tmp_path):
     assert sample(app2, "promvae_models_loaded_total") == 4
     assert sample(app2, "promvae_training_errors_total", reason="load") == 1
     assert svc2.registry.get(victim).model_origin == "trained"
+
+
+def test_a_hanging_prometheus_never_blocks_serving(tmp_path):
+    import threading
+
+    clock = FakeClock()
+    release = threading.Event()
+    entered = threading.Event()
+
+    class Hanging(FakeSource):
+        def query_range(self, expr, start, end, step):
+            entered.set()
+            release.wait(30)  # a Prometheus that does not answer
+            return []
+
+    cfg = make_config(tmp_path)
+    app = create_app(cfg, service=Service(cfg, source=Hanging(clock), clock=clock),
+                     start_background=True)
+    svc = app.extensions["promvae"]
+    try:
+        assert entered.wait(10)  # the poller (or trainer) is stuck inside the source
+        for path in ("/metrics", "/-/healthy", "/", "/api/v1/status/models"):
+            codes: list[int] = []
+            t = threading.Thread(target=lambda p=path, out=codes: out.append(
+                app.test_client().get(p).status_code), daemon=True)
+            t.start()
+            t.join(10)  # the source hangs for 30 s: a request waiting on it would time out here
+            assert codes == [200], path
+    finally:
+        release.set()
+        svc.stop(timeout=10)

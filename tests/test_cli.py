@@ -46,7 +46,7 @@ def test_version(capsys):
 def test_backtest_csv(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "c.yml"
     cfg.write_text("window: 16\nmodel: {hidden: [8], latent: 2, max_epochs: 2, max_steps: 8,"
-                   " mc_samples: 2, batch_size: 16, score_points: 4}\n")
+                   " mc_samples: 2, batch_size: 16, score_scales: [4]}\n")
     n = 300
     t = 1_700_000_000 + 300 * np.arange(n)
     v = np.sin(np.arange(n) / 10.0)
@@ -65,3 +65,11 @@ def test_backtest_csv(tmp_path, capsys, monkeypatch):
     spike = lines[251].split(",")
     assert float(spike[2]) > 1 and spike[3] == "1"
     assert "training on the first 200" in captured.err and "incidents flagged" in captured.err
+
+
+def test_serve_with_an_unusable_storage_path_exits_cleanly(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["serve", "--storage.path", str(blocker), "--web.listen-address",
+                 "127.0.0.1:0"]) == 1
+    assert "not writable" in caplog.text

@@ -1,4 +1,4 @@
-"""Config: YAML + environment + flags build one validated object; one message names every bad key."""
+"""Config: YAML, environment and flags build one validated object; one message names bad keys."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grafana_plugin_backend.config import (ConfigError, format_duration, load_config,
-                                           parse_duration)
+from grafana_plugin_backend.config import ConfigError, format_duration, load_config, parse_duration
 
 GOOD = """
 prometheus:
@@ -141,8 +140,8 @@ def test_secrets_stay_out_of_errors(tmp_path):
 @pytest.mark.parametrize("text,key", [
     ("queries: [{name: a, expr: up}]\n", "prometheus.url"),
     ("prometheus: {url: 'http://p:9090'}\n", "queries"),
-    ("prometheus: {url: 'http://p:9090', bearer_token_file: /nonexistent/token}\n"
-     "queries: [{name: a, expr: up}]\n", "prometheus.bearer_token_file"),
+    (("prometheus: {url: 'http://p:9090', bearer_token_file: /nonexistent/token}\n"
+     "queries: [{name: a, expr: up}]\n"), "prometheus.bearer_token_file"),
     ("history: 1h\n", "history"),
     ("model: {window: 10}\n", "model.window"),
     ("model: {risk: 2.0}\n", "model"),
@@ -168,3 +167,13 @@ def test_example_config_is_valid():
     names = [q.name for q in cfg.queries]
     assert {"cpu_busy", "memory_available"} <= set(names)
     assert any("disk" in n for n in names) and any("network" in n for n in names)
+
+
+def test_window_sized_model_defaults_follow_the_window():
+    from detector import VAEConfig
+
+    cfg = load_config(None, environ={"PROMVAE_WINDOW": "16"})
+    vae = cfg.vae_config()
+    assert vae.window == 16
+    assert vae.score_scales == (16, 8)
+    assert load_config(None, environ={}).vae_config() == VAEConfig()  # defaults untouched

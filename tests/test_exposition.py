@@ -1,4 +1,4 @@
-"""GET /metrics: anomaly_* families from state (one per name), NaN omitted, promvae_* self-metrics."""
+"""GET /metrics: anomaly_* families from state, NaN omitted, promvae_* self-metrics."""
 
 from __future__ import annotations
 

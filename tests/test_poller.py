@@ -13,8 +13,14 @@ from detector import lead_in_points
 from grafana_plugin_backend.exposition import SelfMetrics
 from grafana_plugin_backend.poller import Poller, grid_floor
 from grafana_plugin_backend.state import PENDING, READY, Registry
-from tests.service_fixtures import (T0, FakeClock, FakeModel, FakeSource, fake_score_many,
-                                    make_config)
+from tests.service_fixtures import (
+    T0,
+    FakeClock,
+    FakeModel,
+    FakeSource,
+    fake_score_many,
+    make_config,
+)
 
 
 class Rig:
@@ -207,3 +213,17 @@ def test_new_series_wake_the_trainer_and_the_loop_stops(tmp_path):
 
 def test_grid_floor():
     assert grid_floor(119.9, 60) == 60 and grid_floor(120.0, 60) == 120
+
+
+def test_points_polled_before_a_stored_model_loads_are_scored_after(tmp_path):
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, lambda t: (t - T0) / 60)
+    s = rig.registry.restore("q", {"instance": "a"}, scored_to=T0 - 600, last_present=T0 - 600)
+    rig.registry.positions["q"] = T0 - 600
+    rig.poller.poll_once()  # the trainer has not loaded the model yet
+    assert s.last_result() is None
+    s.model, s.state = FakeModel(rig.vae, 60.0, T0 - 3600, T0 - 3600), READY
+    rig.clock.advance(60)
+    rig.poller.poll_once()
+    assert list(s.recent["timestamp"]) == [T0 - 600 + 60 * k for k in range(1, 12)]
+    assert np.all(np.isfinite(s.recent["score"]))

@@ -16,8 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from grafana_plugin_backend.config import BasicAuth, PrometheusConfig
-from grafana_plugin_backend.promclient import (MAX_POINTS, PrometheusSource, SourceError,
-                                               chunk_ranges, merge_chunks, parse_matrix)
+from grafana_plugin_backend.promclient import (
+    MAX_POINTS,
+    PrometheusSource,
+    SourceError,
+    chunk_ranges,
+    merge_chunks,
+    parse_matrix,
+)
 
 
 class FakePrometheus:
@@ -29,7 +35,7 @@ class FakePrometheus:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 url = urlparse(self.path)
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
                 owner.requests.append({"path": url.path, "params": params,
@@ -197,3 +203,12 @@ def test_merge_chunks_keeps_label_sets_apart():
     assert len(merged) == 2
     a = next(m for m in merged if m.labels == {"i": "a"})
     assert list(a.values) == [1.0, 2.0]
+
+
+def test_credentials_in_the_url_stay_out_of_messages():
+    src = PrometheusSource(PrometheusConfig(url="http://user:hunter2@127.0.0.1:9", retries=0,
+                                            timeout=2))
+    assert "hunter2" not in src.describe()
+    with pytest.raises(SourceError) as info:
+        src.query_range("m", 0, 60, 60)
+    assert "hunter2" not in str(info.value) and "127.0.0.1:9" in str(info.value)

@@ -6,8 +6,14 @@ import math
 
 import numpy as np
 
-from grafana_plugin_backend.state import (PENDING, READY, Registry, SeriesState, exposed_labels,
-                                          series_id)
+from grafana_plugin_backend.state import (
+    PENDING,
+    READY,
+    Registry,
+    SeriesState,
+    exposed_labels,
+    series_id,
+)
 
 
 def test_series_id_is_stable_and_label_order_free():
@@ -72,10 +78,14 @@ def test_trim_keeps_lead_in_before_the_unscored_points():
     assert s.buf_ts[0] == 70 * 60.0 and s.buf_ts[-1] == 99 * 60.0
     s.trim(60.0, lead_in=10, max_points=5)
     assert len(s.buf_ts) == 5
-    pending = SeriesState("p", "q", {}, {}, state=PENDING)
-    pending.add_points(ts, np.ones(100))
-    pending.trim(60.0, lead_in=10, max_points=1000)
-    assert len(pending.buf_ts) == 11
+    new = SeriesState("p", "q", {}, {}, state=PENDING)
+    new.add_points(ts, np.ones(100))
+    new.trim(60.0, lead_in=10, max_points=1000)
+    assert len(new.buf_ts) == 11
+    restored = SeriesState("r", "q", {}, {}, state=PENDING, scored_to=50 * 60.0)
+    restored.add_points(ts, np.ones(100))  # its stored model has not loaded yet
+    restored.trim(60.0, lead_in=10, max_points=1000)
+    assert restored.buf_ts[0] == 40 * 60.0
 
 
 def test_record_keeps_the_newest_points_and_moves_scored_to():

@@ -21,8 +21,9 @@ def add_ready(app, labels, score):
     s = svc.registry.upsert("q", labels)
     s.state, s.model_origin = READY, "trained"
     s.model = FakeModel(svc.vae_config, 60.0, T0 - 60, T0)
+    flag = np.nan if np.isnan(score) else float(score >= 1)
     s.record({"timestamp": np.array([T0]), "observed": np.array([1.5]),
-              "score": np.array([score]), "flag": np.array([float(score >= 1) if score == score else np.nan]),
+              "score": np.array([score]), "flag": np.array([flag]),
               "expected": np.array([1.0]), "lower": np.array([0.5]), "upper": np.array([2.0])},
              10)
     return s
@@ -42,8 +43,10 @@ def test_ready_only_after_models_and_then_stays_ready(app):
     svc.poller.polls_ok = 1
     assert client.get("/-/ready").status_code == 503  # a series still waits for its model
     add_ready(app, {"i": "a"}, 0.5)
+    assert client.get("/-/ready").status_code == 503  # "x" is still in the first batch
+    svc.registry.get_by_labels("q", {"i": "x"}).state = "insufficient_data"
     assert client.get("/-/ready").status_code == 200
-    svc.registry.remove(svc.registry.all()[1].id, 0.0)
+    svc.registry.upsert("q", {"i": "new"})  # a series appearing later: still ready
     assert client.get("/-/ready").status_code == 200
 
 

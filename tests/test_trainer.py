@@ -1,4 +1,4 @@
-"""Training scheduler: one batch for all due series, insufficient data, failures, reloads, retrain."""
+"""Training scheduler: one batch for due series, insufficient data, failures, reloads, retrain."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ from detector import InsufficientDataError, lead_in_points, min_train_points
 from grafana_plugin_backend.exposition import SelfMetrics
 from grafana_plugin_backend.state import FAILED, INSUFFICIENT, PENDING, READY, Registry
 from grafana_plugin_backend.trainer import INITIAL_SCORE_POINTS, Trainer
-from tests.service_fixtures import (T0, FakeClock, FakeFit, FakeModel, FakeSource, FakeStore,
-                                    make_config, nan_series, seasonal)
+from tests.service_fixtures import (
+    T0,
+    FakeClock,
+    FakeFit,
+    FakeModel,
+    FakeSource,
+    FakeStore,
+    make_config,
+    nan_series,
+    seasonal,
+)
 
 
 class Rig:

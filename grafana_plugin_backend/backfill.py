@@ -1,0 +1,264 @@
+"""On-demand scoring of any past range: the storage behind the Prometheus-compatible query API.
+
+A query for [start, end] pulls each query's source series for [start - lead-in, end] through
+the same Source the poller uses (chunked under Prometheus' 11,000-point limit), scores them
+with each series' current model in one batched score_many pass, and returns the points on the
+model grid (the service's `step`). Where the live poller already holds scored points (its
+recent buffer), those are used instead, so an instant query at "now" gives what /metrics shows.
+
+Scored points are cached in chunks of `chunk_points` grid points per series, keyed by the
+series id, the model (a retrained model makes a new key) and the chunk index; only chunks
+that ended more than `settle` seconds ago are cached, so late samples are never frozen out.
+The cache is an LRU bounded by the number of stored values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from detector import lead_in_points, regularize, score_many
+
+from .promclient import SourceError
+from .promql import ALL_METRICS, LabelMatcher, QueryError, grid_start, matches_all
+from .state import READY, RESULT_FIELDS, SeriesState, series_id
+
+log = logging.getLogger(__name__)
+
+FIELD_OF = {"anomaly_score": "score", "anomaly_flag": "flag", "anomaly_expected": "expected",
+            "anomaly_lower": "lower", "anomaly_upper": "upper", "anomaly_observed": "observed"}
+CHUNK_POINTS = 720  # grid points per cached chunk (12 h at a 60 s step)
+CACHE_VALUES = 4_000_000  # float64 values kept in the cache (32 MB)
+MAX_SCORE_POINTS = 2_000_000  # grid points one query may score (series x range)
+SETTLE = 300.0  # seconds after which a chunk's source data is taken as final
+
+
+def _token(model: Any) -> tuple[int, float]:
+    """Identity of a model instance: a retrained model never shares its cache entries."""
+    return id(model), float(getattr(model, "trained_at", 0.0))
+
+
+class ScoreCache:
+    """LRU of scored chunks: key -> {field: (C,) array}, bounded by the values it holds."""
+
+    def __init__(self, max_values: int = CACHE_VALUES) -> None:
+        self.max_values = max_values
+        self.values = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._data: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: tuple) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return hit
+
+    def put(self, key: tuple, rows: dict[str, np.ndarray]) -> None:
+        size = sum(len(v) for v in rows.values())
+        if size > self.max_values:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.values -= sum(len(v) for v in old.values())
+            self._data[key] = rows
+            self.values += size
+            while self.values > self.max_values:
+                _, gone = self._data.popitem(last=False)
+                self.values -= sum(len(v) for v in gone.values())
+
+
+class OnDemandScorer:
+    """Scores registry series over any range; one instance per service."""
+
+    def __init__(self, service: Any, *, chunk_points: int = CHUNK_POINTS,
+                 cache_values: int = CACHE_VALUES, max_score_points: int = MAX_SCORE_POINTS,
+                 settle: float = SETTLE, score_fn: Any = None) -> None:
+        self.svc = service
+        self.step = float(service.cfg.step)
+        self.lead_in = lead_in_points(service.vae_config)
+        self.chunk_points = chunk_points
+        self.max_score_points = max_score_points
+        self.settle = max(settle, float(service.cfg.poll_delay))
+        self.cache = ScoreCache(cache_values)
+        self.score_fn = score_fn or getattr(service.poller, "score_fn", score_many)
+        self._exprs = {q.name: q.expr for q in service.queries}
+        self._score_lock = threading.Lock()  # one on-demand scoring pass at a time
+        self.passes = 0  # scoring passes run (tests read it to see the cache work)
+
+    def session(self) -> Session:
+        """A Storage for one query evaluation (remembers which series its label sets name)."""
+        return Session(self)
+
+    def labelsets(self) -> list[tuple[dict[str, str], SeriesState]]:
+        """(labels with __name__, series) of every anomaly_* series of every registered series."""
+        with self.svc.registry.lock:
+            states = self.svc.registry.all()
+        return [({**s.exposed, "__name__": name}, s) for s in states for name in ALL_METRICS]
+
+    def rows(self, states: Sequence[SeriesState], g0: float, g1: float) -> dict[str, dict]:
+        """Per series id: {field: (N,)} on the grid g0, g0+step, ..., g1 (NaN = no point)."""
+        step, c = self.step, self.chunk_points
+        n = int(math.floor((g1 - g0) / step + 1e-9)) + 1 if g1 >= g0 else 0
+        out = {s.id: {f: np.full(n, np.nan) for f in RESULT_FIELDS} for s in states}
+        if n == 0:
+            return out
+        with self.svc.registry.lock:
+            live = [(s, s.model, {k: v.copy() for k, v in s.recent.items()}) for s in states
+                    if s.state == READY and s.model is not None]
+        k0 = math.floor(g0 / (c * step) + 1e-9)
+        k1 = math.floor(g1 / (c * step) + 1e-9)
+        chunks: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        todo: list[tuple[SeriesState, Any]] = []
+        lo_todo, hi_todo = math.inf, -math.inf
+        for s, model, recent in live:
+            rts = recent.get("timestamp")
+            if rts is not None and len(rts) and rts[0] <= g0 + 1e-6 * step:
+                continue  # the live buffer covers the range
+            have = chunks.setdefault(s.id, {})
+            for k in range(k0, k1 + 1):
+                hit = self.cache.get((s.id, _token(model), k))
+                if hit is not None:
+                    have[k] = hit
+                else:
+                    lo_todo = min(lo_todo, k * c * step)
+                    hi_todo = max(hi_todo, (k + 1) * c * step - step)
+            if len(have) < k1 - k0 + 1:
+                todo.append((s, model))
+        if todo:
+            hi_todo = min(hi_todo, math.floor(self.svc.clock() / step) * step)
+            for sid, got in self._score(todo, lo_todo, hi_todo).items():
+                chunks[sid].update({k: v for k, v in got.items() if k not in chunks[sid]})
+        for s, _, recent in live:
+            dest = out[s.id]
+            for k, part in chunks.get(s.id, {}).items():
+                first = k * c  # grid index of the chunk's first point
+                a = max(first, round(g0 / step))
+                b = min(first + c, round(g1 / step) + 1)
+                if a >= b:
+                    continue
+                for f in RESULT_FIELDS:
+                    dest[f][a - round(g0 / step):b - round(g0 / step)] = part[f][a - first:b - first]
+            self._overlay(dest, recent, g0, n)
+        return out
+
+    def _overlay(self, dest: dict[str, np.ndarray], recent: Mapping[str, np.ndarray],
+                 g0: float, n: int) -> None:
+        """Write the live poller's scored points (what /metrics exposed) over the range."""
+        ts = recent.get("timestamp")
+        if ts is None or not len(ts):
+            return
+        idx = np.rint((ts - g0) / self.step).astype(np.int64)
+        ok = (idx >= 0) & (idx < n) & np.isfinite(recent["score"])
+        for f in RESULT_FIELDS:
+            dest[f][idx[ok]] = recent[f][ok]
+
+    def _score(self, todo: list[tuple[SeriesState, Any]], lo: float,
+               hi: float) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+        """Pull and score [lo, hi] (chunk-aligned) for `todo` in one batch; cache settled chunks."""
+        step, c = self.step, self.chunk_points
+        n = int(math.floor((hi - lo) / step + 1e-9)) + 1
+        if hi < lo:
+            return {}
+        if n * len(todo) > self.max_score_points:
+            raise QueryError("execution", f"scoring {len(todo)} series over {n} points each "
+                             f"exceeds the limit of {self.max_score_points} points per query; "
+                             "narrow the time range or the series")
+        pull_from = lo - self.lead_in * step
+        by_query: dict[str, list[tuple[SeriesState, Any]]] = {}
+        for s, model in todo:
+            by_query.setdefault(s.query, []).append((s, model))
+        with self._score_lock:
+            models, series, owners = [], [], []
+            for name, members in by_query.items():
+                expr = self._exprs.get(name)
+                if expr is None:
+                    continue
+                try:
+                    found = self.svc.source.query_range(expr, pull_from, hi, step)
+                except SourceError as e:
+                    raise QueryError("unavailable", f"cannot read the source series of "
+                                     f"{name!r}: {e}") from None
+                by_id = {series_id(name, rs.labels): rs for rs in found}
+                for s, model in members:
+                    rs = by_id.get(s.id)
+                    if rs is None or not len(rs.timestamps):
+                        continue
+                    models.append(model)
+                    series.append(regularize(rs.timestamps, rs.values, step))
+                    owners.append((s, model))
+            results = self.score_fn(models, series) if models else []
+            self.passes += 1
+        settled = self.svc.clock() - self.settle
+        k_lo = round(lo / (c * step))
+        n_chunks = math.floor((hi - lo) / (c * step) + 1e-9) + 1
+        out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        for (s, model), res in zip(owners, results):
+            grid = {f: np.full(n_chunks * c, np.nan) for f in RESULT_FIELDS}
+            idx = np.rint((res.timestamps - lo) / step).astype(np.int64)
+            ok = (idx >= 0) & (idx < n_chunks * c)
+            for f in RESULT_FIELDS:
+                grid[f][idx[ok]] = getattr(res, f)[ok]
+            score_nan = np.isnan(grid["score"])  # unscored points are absent in every field
+            for f in RESULT_FIELDS:
+                grid[f][score_nan] = np.nan
+            got = {}
+            for j in range(n_chunks):
+                part = {f: grid[f][j * c:(j + 1) * c] for f in RESULT_FIELDS}
+                k = k_lo + j
+                got[k] = part
+                if (k + 1) * c * step - step <= settled:
+                    self.cache.put((s.id, _token(model), k), part)
+            out[s.id] = got
+        for s, _ in todo:
+            out.setdefault(s.id, {})
+        return out
+
+
+class Session:
+    """promql.Storage over the scorer, for one query evaluation."""
+
+    def __init__(self, scorer: OnDemandScorer) -> None:
+        self.scorer = scorer
+        self.step = scorer.step
+        self._refs: dict[tuple, tuple[SeriesState, str]] = {}
+
+    def select(self, matchers: Sequence[LabelMatcher]) -> list[dict[str, str]]:
+        out = []
+        for labels, s in self.scorer.labelsets():
+            if matches_all(labels, matchers):
+                self._refs[tuple(sorted(labels.items()))] = (s, FIELD_OF[labels["__name__"]])
+                out.append(labels)
+        return out
+
+    def load(self, series: Sequence[Mapping[str, str]], start: float, end: float) -> np.ndarray:
+        step = self.step
+        g0 = grid_start(start, step)
+        g1 = math.floor(end / step + 1e-9) * step
+        n = int(math.floor((g1 - g0) / step + 1e-9)) + 1 if g1 >= g0 else 0
+        refs = [self._refs[tuple(sorted(lab.items()))] for lab in series]
+        states = list({s.id: s for s, _ in refs}.values())
+        started = time.monotonic()
+        rows = self.scorer.rows(states, g0, g1) if n else {}
+        log.debug("loaded %d series x %d points in %.3f s", len(states), n,
+                  time.monotonic() - started)
+        out = np.full((len(series), n), np.nan)
+        for i, (s, field) in enumerate(refs):
+            if n:
+                out[i] = rows[s.id][field]
+        return out

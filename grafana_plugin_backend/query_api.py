@@ -1,0 +1,308 @@
+"""The Prometheus-compatible HTTP API Grafana's built-in Prometheus datasource talks to.
+
+Parameters are read from the URL and the form body alike (Grafana POSTs forms, and may retry
+as GET); repeated match[] values of both are merged. Errors use Prometheus' JSON shape with
+400 bad_data, 422 execution or 503 unavailable; nothing here answers a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import Counter
+
+from . import __version__
+from .backfill import OnDemandScorer
+from .config import parse_duration
+from .promql import (
+    ALL_METRICS,
+    Matrix,
+    QueryError,
+    Vector,
+    evaluate,
+    matches_all,
+    parse_selector,
+    valid_label_name,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 11_000  # per series, as Prometheus refuses more
+MAX_SERIES = 1000  # anomaly_* series one query may select (app.config PROMVAE_QUERY_MAX_SERIES)
+API_VERSION = "2.53.0"  # the Prometheus HTTP API level answered (buildinfo "version")
+HELP = {
+    "anomaly_score": "Anomaly score normalised by the learned threshold: 1.0 = at threshold, "
+                     "above 1 = anomalous.",
+    "anomaly_flag": "1 while the series is judged anomalous (score >= 1, debounced).",
+    "anomaly_expected": "Expected value of the source series, in its own units.",
+    "anomaly_lower": "Lower edge of the expected band, in source units.",
+    "anomaly_upper": "Upper edge of the expected band, in source units.",
+    "anomaly_observed": "The source value the score was computed on.",
+}
+
+bp = Blueprint("query_api", __name__)
+
+
+class QueryAPI:
+    """Per-app state of the query API: the on-demand scorer and the error counter."""
+
+    def __init__(self, service: Any, **scorer_kwargs: Any) -> None:
+        self.service = service
+        self.scorer = OnDemandScorer(service, **scorer_kwargs)
+        errors = getattr(service, "query_errors", None)  # one per registry, even for two apps
+        if errors is None:
+            errors = Counter("promvae_query_errors_total",
+                             "Query API requests answered with an error, by errorType.",
+                             ["type"], registry=service.metrics_registry)
+            service.query_errors = errors
+        self.errors = errors
+
+
+def init_app(app: Flask, **scorer_kwargs: Any) -> None:
+    """Register the blueprint and attach a QueryAPI for the app's service."""
+    app.extensions["promvae_query"] = QueryAPI(app.extensions["promvae"], **scorer_kwargs)
+    app.register_blueprint(bp)
+
+
+def _api() -> QueryAPI:
+    return current_app.extensions["promvae_query"]
+
+
+# ---- parameters ---------------------------------------------------------------------------
+
+def parse_time(name: str, text: str | None, default: float | None = None) -> float:
+    """Unix seconds from float seconds or RFC3339; QueryError(bad_data) if neither."""
+    if text is None or text == "":
+        if default is None:
+            raise QueryError("bad_data", f"missing parameter {name!r}")
+        return default
+    try:
+        t = float(text)
+    except ValueError:
+        try:
+            t = datetime.fromisoformat(text.replace("z", "Z")).timestamp()
+        except ValueError:
+            raise QueryError("bad_data", f"invalid parameter {name!r}: cannot parse {text!r} to "
+                             "a valid timestamp (use unix seconds or RFC3339)") from None
+    if not math.isfinite(t):
+        raise QueryError("bad_data", f"invalid parameter {name!r}: {text!r} is not finite")
+    return t
+
+
+def parse_step(text: str | None) -> float:
+    """Seconds from float seconds ("15") or a duration ("60s", "5m")."""
+    if text is None or text == "":
+        raise QueryError("bad_data", "missing parameter 'step'")
+    try:
+        step = parse_duration(text)
+    except ValueError:
+        raise QueryError("bad_data", f"invalid parameter 'step': cannot parse {text!r} to a "
+                         "valid duration (use seconds like 15 or a duration like 60s)") from None
+    if step <= 0:
+        raise QueryError("bad_data", "zero or negative query resolution step widths are not "
+                         "accepted. Try a positive integer")
+    return step
+
+
+def _matchers_param() -> list[list]:
+    texts = request.args.getlist("match[]") + request.form.getlist("match[]")
+    return [parse_selector(t) for t in texts]
+
+
+def _now() -> float:
+    return float(current_app.extensions["promvae"].clock())
+
+
+# ---- formatting ---------------------------------------------------------------------------
+
+def fmt_value(v: float) -> str:
+    """A sample value as Prometheus writes it: "2", "0.125", "NaN", "+Inf", "-Inf"."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return np.format_float_positional(v, trim="-")
+
+
+def fmt_time(t: float) -> float | int:
+    """Timestamps as JSON numbers with millisecond precision."""
+    t = round(float(t), 3)
+    return int(t) if t.is_integer() else t
+
+
+def _success(data: Any, warnings: list[str] | None = None) -> Response:
+    body: dict[str, Any] = {"status": "success", "data": data}
+    if warnings:
+        body["warnings"] = warnings
+    return jsonify(body)
+
+
+@bp.errorhandler(QueryError)
+def _query_error(e: QueryError) -> tuple[Response, int]:
+    _api().errors.labels(e.error_type).inc()
+    return jsonify(status="error", errorType=e.error_type, error=str(e)), e.status
+
+
+@bp.errorhandler(Exception)
+def _unexpected(e: Exception) -> tuple[Response, int]:
+    from werkzeug.exceptions import HTTPException
+
+    if isinstance(e, HTTPException):
+        return jsonify(status="error", errorType="bad_data", error=e.description), e.code or 400
+    log.exception("query API request %s failed", request.path)
+    _api().errors.labels("internal").inc()
+    return jsonify(status="error", errorType="execution",
+                   error=f"internal error while answering the query ({type(e).__name__}); "
+                         "see the promvae log"), 422
+
+
+# ---- queries ------------------------------------------------------------------------------
+
+def _max_series() -> int:
+    return int(current_app.config.get("PROMVAE_QUERY_MAX_SERIES", MAX_SERIES))
+
+
+def _query_text() -> str:
+    q = request.values.get("query")
+    if q is None:
+        raise QueryError("bad_data", "missing parameter 'query'")
+    return q
+
+
+@bp.route("/api/v1/query", methods=["GET", "POST"])
+def query() -> Response:
+    text = _query_text()
+    t = parse_time("time", request.values.get("time"), _now())
+    value = evaluate(_api().scorer.session(), text, np.array([t]), 0.0, _max_series())
+    if isinstance(value, Matrix):
+        result = [{"metric": lab, "values": [[fmt_time(a), fmt_value(b)] for a, b in zip(ts, vs)]}
+                  for lab, ts, vs in value.series]
+        return _success({"resultType": "matrix", "result": result})
+    if isinstance(value, Vector):
+        result = [{"metric": lab, "value": [fmt_time(t), fmt_value(row[0])]}
+                  for lab, row in zip(value.labels, value.values) if not math.isnan(row[0])]
+        return _success({"resultType": "vector", "result": result})
+    return _success({"resultType": "scalar", "result": [fmt_time(t), fmt_value(value[0])]})
+
+
+@bp.route("/api/v1/query_range", methods=["GET", "POST"])
+def query_range() -> Response:
+    text = _query_text()
+    start = parse_time("start", request.values.get("start"))
+    end = parse_time("end", request.values.get("end"))
+    step = parse_step(request.values.get("step"))
+    if end < start:
+        raise QueryError("bad_data", "invalid parameter 'end': end timestamp must not be "
+                         "before start time")
+    points = math.floor((end - start) / step + 1e-9) + 1
+    if points > MAX_POINTS:
+        raise QueryError("bad_data", "exceeded maximum resolution of 11,000 points per "
+                         f"timeseries ({points} asked). Try decreasing the query resolution "
+                         "(?step=XX)")
+    times = start + step * np.arange(points)
+    value = evaluate(_api().scorer.session(), text, times, step, _max_series())
+    if isinstance(value, Matrix):
+        raise QueryError("bad_data", "invalid expression type \"range vector\" for range query, "
+                         "must be Scalar or instant Vector")
+    if isinstance(value, Vector):
+        labels, rows = value.labels, value.values
+    else:
+        labels, rows = [{}], value[None, :]
+    result = []
+    for lab, row in zip(labels, rows):
+        keep = ~np.isnan(row) if isinstance(value, Vector) else np.ones(len(row), dtype=bool)
+        if keep.any():
+            result.append({"metric": lab, "values": [[fmt_time(a), fmt_value(b)]
+                                                      for a, b in zip(times[keep], row[keep])]})
+    return _success({"resultType": "matrix", "result": result})
+
+
+# ---- metadata endpoints -------------------------------------------------------------------
+
+def _limit() -> int | None:
+    text = request.values.get("limit")
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise QueryError("bad_data", f"invalid parameter 'limit': {text!r} is not an "
+                         "integer") from None
+    if n < 0:
+        raise QueryError("bad_data", "invalid parameter 'limit': must not be negative")
+    return n or None
+
+
+def _matching_labelsets() -> list[dict[str, str]]:
+    """Label sets of every anomaly_* series matching any match[] (all without match[])."""
+    for name in ("start", "end"):  # accepted and checked; the series set is the live one
+        if request.values.get(name):
+            parse_time(name, request.values.get(name))
+    groups = _matchers_param()
+    out = []
+    for labels, _ in _api().scorer.labelsets():
+        if not groups or any(matches_all(labels, g) for g in groups):
+            out.append(labels)
+    return out
+
+
+@bp.route("/api/v1/labels", methods=["GET", "POST"])
+def labels() -> Response:
+    names = sorted({k for lab in _matching_labelsets() for k in lab} | {"__name__"})
+    limit = _limit()
+    return _success(names[:limit] if limit else names)
+
+
+@bp.get("/api/v1/label/<name>/values")
+def label_values(name: str) -> Response:
+    if not valid_label_name(name):
+        raise QueryError("bad_data", f"invalid label name: {name!r}")
+    sets = _matching_labelsets()
+    values = sorted({lab[name] for lab in sets if name in lab})
+    if name == "__name__" and not request.values.getlist("match[]") and not sets:
+        values = sorted(ALL_METRICS)
+    limit = _limit()
+    return _success(values[:limit] if limit else values)
+
+
+@bp.route("/api/v1/series", methods=["GET", "POST"])
+def series() -> Response:
+    if not request.args.getlist("match[]") and not request.form.getlist("match[]"):
+        raise QueryError("bad_data", "no match[] parameter provided")
+    sets = sorted(_matching_labelsets(), key=lambda lab: sorted(lab.items()))
+    limit = _limit()
+    return _success(sets[:limit] if limit else sets)
+
+
+@bp.get("/api/v1/metadata")
+def metadata() -> Response:
+    metric = request.values.get("metric")
+    data = {name: [{"type": "gauge", "help": HELP[name], "unit": ""}]
+            for name in ALL_METRICS if metric in (None, "", name)}
+    limit = _limit()
+    if limit:
+        data = dict(list(data.items())[:limit])
+    return _success(data)
+
+
+@bp.get("/api/v1/status/buildinfo")
+def buildinfo() -> Response:
+    # No "features": a non-empty one makes Grafana treat the backend as Mimir.
+    return _success({"version": API_VERSION, "revision": "", "branch": "",
+                     "buildUser": "promvae", "buildDate": "",
+                     "goVersion": "", "application": "promvae", "promvaeVersion": __version__})
+
+
+@bp.get("/api/v1/rules")
+def rules() -> Response:
+    return _success({"groups": []})
+
+
+@bp.route("/api/v1/query_exemplars", methods=["GET", "POST"])
+def query_exemplars() -> Response:
+    return _success([])
