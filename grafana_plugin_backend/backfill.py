@@ -7,9 +7,13 @@ model grid (the service's `step`). Where the live poller already holds scored po
 recent buffer), those are used instead, so an instant query at "now" gives what /metrics shows.
 
 Scored points are cached in chunks of `chunk_points` grid points per series, keyed by the
-series id, the model (a retrained model makes a new key) and the chunk index; only chunks
-that ended more than `settle` seconds ago are cached, so late samples are never frozen out.
-The cache is an LRU bounded by the number of stored values.
+series id, the model (a retrained model makes a new key) and the chunk index. An entry is
+valid up to the newest point that was `settle` seconds old when it was scored, so late
+samples are never frozen out; a chunk's newer points come from the live buffer or are scored
+again. The cache is an LRU bounded by the number of stored values.
+
+Sampling at the query's step is promql.py's business: anomaly_score and anomaly_flag take
+the maximum inside each step, the other metrics the newest point (Prometheus' semantics).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ log = logging.getLogger(__name__)
 
 FIELD_OF = {"anomaly_score": "score", "anomaly_flag": "flag", "anomaly_expected": "expected",
             "anomaly_lower": "lower", "anomaly_upper": "upper", "anomaly_observed": "observed"}
-CHUNK_POINTS = 720  # grid points per cached chunk (12 h at a 60 s step)
+CHUNK_POINTS = 120  # grid points per cached chunk (2 h at a 60 s step): little waste at the edges
 CACHE_VALUES = 4_000_000  # float64 values kept in the cache (32 MB)
 MAX_SCORE_POINTS = 2_000_000  # grid points one query may score (series x range)
 SETTLE = 300.0  # seconds after which a chunk's source data is taken as final
+
+
+Chunk = tuple[dict[str, np.ndarray], float]  # ({field: (C,)}, valid up to this time)
 
 
 def _token(model: Any) -> tuple[int, float]:
@@ -46,19 +53,19 @@ def _token(model: Any) -> tuple[int, float]:
 
 
 class ScoreCache:
-    """LRU of scored chunks: key -> {field: (C,) array}, bounded by the values it holds."""
+    """LRU of scored chunks: key -> ({field: (C,)}, valid_to), bounded by the values held."""
 
     def __init__(self, max_values: int = CACHE_VALUES) -> None:
         self.max_values = max_values
         self.values = 0
         self.hits = self.misses = 0
         self._lock = threading.Lock()
-        self._data: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self._data: OrderedDict[tuple, Chunk] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: tuple) -> dict[str, np.ndarray] | None:
+    def get(self, key: tuple) -> Chunk | None:
         with self._lock:
             hit = self._data.get(key)
             if hit is None:
@@ -68,19 +75,19 @@ class ScoreCache:
             self.hits += 1
             return hit
 
-    def put(self, key: tuple, rows: dict[str, np.ndarray]) -> None:
-        size = sum(len(v) for v in rows.values())
+    def put(self, key: tuple, chunk: Chunk) -> None:
+        size = sum(len(v) for v in chunk[0].values())
         if size > self.max_values:
             return
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
-                self.values -= sum(len(v) for v in old.values())
-            self._data[key] = rows
+                self.values -= sum(len(v) for v in old[0].values())
+            self._data[key] = chunk
             self.values += size
             while self.values > self.max_values:
                 _, gone = self._data.popitem(last=False)
-                self.values -= sum(len(v) for v in gone.values())
+                self.values -= sum(len(v) for v in gone[0].values())
 
 
 class OnDemandScorer:
@@ -112,9 +119,13 @@ class OnDemandScorer:
         return [({**s.exposed, "__name__": name}, s) for s in states for name in ALL_METRICS]
 
     def rows(self, states: Sequence[SeriesState], g0: float, g1: float) -> dict[str, dict]:
-        """Per series id: {field: (N,)} on the grid g0, g0+step, ..., g1 (NaN = no point)."""
+        """Per series id: {field: (N,)} on the grid g0, g0+step, ..., g1 (NaN = no point).
+
+        Per chunk, in order of preference: the live poller's recent points, the cache (whose
+        entries are valid up to the time they had settled), a fresh scoring pass.
+        """
         step, c = self.step, self.chunk_points
-        n = int(math.floor((g1 - g0) / step + 1e-9)) + 1 if g1 >= g0 else 0
+        n = math.floor((g1 - g0) / step + 1e-9) + 1 if g1 >= g0 else 0
         out = {s.id: {f: np.full(n, np.nan) for f in RESULT_FIELDS} for s in states}
         if n == 0:
             return out
@@ -123,37 +134,43 @@ class OnDemandScorer:
                     if s.state == READY and s.model is not None]
         k0 = math.floor(g0 / (c * step) + 1e-9)
         k1 = math.floor(g1 / (c * step) + 1e-9)
-        chunks: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        chunks: dict[str, dict[int, Chunk]] = {}
         todo: list[tuple[SeriesState, Any]] = []
         lo_todo, hi_todo = math.inf, -math.inf
         for s, model, recent in live:
             rts = recent.get("timestamp")
-            if rts is not None and len(rts) and rts[0] <= g0 + 1e-6 * step:
-                continue  # the live buffer covers the range
+            live_from = float(rts[0]) if rts is not None and len(rts) else math.inf
             have = chunks.setdefault(s.id, {})
+            missing = False
             for k in range(k0, k1 + 1):
+                need_from = max(k * c * step, g0)
+                need_to = min((k + 1) * c * step - step, g1)
+                if need_from >= live_from - 1e-6 * step:
+                    continue  # the live buffer covers this part
                 hit = self.cache.get((s.id, _token(model), k))
-                if hit is not None:
+                if hit is not None and (hit[1] >= need_to or hit[1] + step >= live_from):
                     have[k] = hit
-                else:
-                    lo_todo = min(lo_todo, k * c * step)
-                    hi_todo = max(hi_todo, (k + 1) * c * step - step)
-            if len(have) < k1 - k0 + 1:
+                    continue
+                missing = True
+                lo_todo = min(lo_todo, k * c * step)
+                hi_todo = max(hi_todo, (k + 1) * c * step - step)
+            if missing:
                 todo.append((s, model))
         if todo:
             hi_todo = min(hi_todo, math.floor(self.svc.clock() / step) * step)
             for sid, got in self._score(todo, lo_todo, hi_todo).items():
-                chunks[sid].update({k: v for k, v in got.items() if k not in chunks[sid]})
+                chunks[sid].update(got)
+        base = round(g0 / step)
         for s, _, recent in live:
             dest = out[s.id]
-            for k, part in chunks.get(s.id, {}).items():
+            for k, (part, valid_to) in chunks.get(s.id, {}).items():
                 first = k * c  # grid index of the chunk's first point
-                a = max(first, round(g0 / step))
-                b = min(first + c, round(g1 / step) + 1)
+                a = max(first, base)
+                b = min(first + c, round(min(g1, valid_to) / step) + 1)
                 if a >= b:
                     continue
                 for f in RESULT_FIELDS:
-                    dest[f][a - round(g0 / step):b - round(g0 / step)] = part[f][a - first:b - first]
+                    dest[f][a - base:b - base] = part[f][a - first:b - first]
             self._overlay(dest, recent, g0, n)
         return out
 
@@ -169,12 +186,16 @@ class OnDemandScorer:
             dest[f][idx[ok]] = recent[f][ok]
 
     def _score(self, todo: list[tuple[SeriesState, Any]], lo: float,
-               hi: float) -> dict[str, dict[int, dict[str, np.ndarray]]]:
-        """Pull and score [lo, hi] (chunk-aligned) for `todo` in one batch; cache settled chunks."""
+               hi: float) -> dict[str, dict[int, Chunk]]:
+        """Pull and score [lo, hi] (lo chunk-aligned) for `todo` in one batch.
+
+        Chunks are cached with the newest time that had settled (valid_to); later points of
+        a chunk are scored again by the next query that needs them.
+        """
         step, c = self.step, self.chunk_points
-        n = int(math.floor((hi - lo) / step + 1e-9)) + 1
         if hi < lo:
             return {}
+        n = math.floor((hi - lo) / step + 1e-9) + 1
         if n * len(todo) > self.max_score_points:
             raise QueryError("execution", f"scoring {len(todo)} series over {n} points each "
                              f"exceeds the limit of {self.max_score_points} points per query; "
@@ -204,29 +225,29 @@ class OnDemandScorer:
                     owners.append((s, model))
             results = self.score_fn(models, series) if models else []
             self.passes += 1
-        settled = self.svc.clock() - self.settle
+        settled = math.floor((self.svc.clock() - self.settle) / step) * step
         k_lo = round(lo / (c * step))
         n_chunks = math.floor((hi - lo) / (c * step) + 1e-9) + 1
-        out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        out: dict[str, dict[int, Chunk]] = {s.id: {} for s, _ in todo}
         for (s, model), res in zip(owners, results):
             grid = {f: np.full(n_chunks * c, np.nan) for f in RESULT_FIELDS}
             idx = np.rint((res.timestamps - lo) / step).astype(np.int64)
             ok = (idx >= 0) & (idx < n_chunks * c)
             for f in RESULT_FIELDS:
                 grid[f][idx[ok]] = getattr(res, f)[ok]
-            score_nan = np.isnan(grid["score"])  # unscored points are absent in every field
+            unscored = np.isnan(grid["score"])  # absent in every field, as on /metrics
             for f in RESULT_FIELDS:
-                grid[f][score_nan] = np.nan
-            got = {}
+                grid[f][unscored] = np.nan
             for j in range(n_chunks):
-                part = {f: grid[f][j * c:(j + 1) * c] for f in RESULT_FIELDS}
                 k = k_lo + j
-                got[k] = part
-                if (k + 1) * c * step - step <= settled:
-                    self.cache.put((s.id, _token(model), k), part)
-            out[s.id] = got
-        for s, _ in todo:
-            out.setdefault(s.id, {})
+                part = {f: grid[f][j * c:(j + 1) * c] for f in RESULT_FIELDS}
+                out[s.id][k] = (part, hi)
+                valid_to = min(settled, hi)
+                if valid_to >= k * c * step:
+                    self.cache.put((s.id, _token(model), k), (part, valid_to))
+        for s, _ in todo:  # series the source no longer returns: nothing to score
+            for k in range(k_lo, k_lo + n_chunks):
+                out[s.id].setdefault(k, ({f: np.full(c, np.nan) for f in RESULT_FIELDS}, hi))
         return out
 
 
@@ -250,7 +271,7 @@ class Session:
         step = self.step
         g0 = grid_start(start, step)
         g1 = math.floor(end / step + 1e-9) * step
-        n = int(math.floor((g1 - g0) / step + 1e-9)) + 1 if g1 >= g0 else 0
+        n = math.floor((g1 - g0) / step + 1e-9) + 1 if g1 >= g0 else 0
         refs = [self._refs[tuple(sorted(lab.items()))] for lab in series]
         states = list({s.id: s for s, _ in refs}.values())
         started = time.monotonic()

@@ -41,8 +41,8 @@ def amtool() -> str:
 
 
 def run(*cmd: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([str(c) for c in cmd], check=False, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

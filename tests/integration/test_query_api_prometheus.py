@@ -1,0 +1,160 @@
+"""The query API driven by prometheus-api-client, with `promvae serve` over a real Prometheus.
+
+Prometheus holds two days of backfilled history at 1 minute; series "a" had an incident 14 h
+before the test started, outside promvae's 12 h training range. Every range asked here ends
+long before promvae started, so its scores can only come from on-demand scoring.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from prometheus_api_client import PrometheusConnect
+
+from tests.promstack import PrometheusProcess, backfill, free_port, wait_until, write_openmetrics
+
+pytestmark = pytest.mark.integration
+
+STEP = 60.0
+METRIC = "app_value"
+QUERY = "app"
+MODEL = {"hidden": [16], "latent": 2, "max_steps": 300, "max_epochs": 20, "mc_samples": 8,
+         "score_scales": [4], "batch_size": 32, "risk": 1e-4}
+INCIDENT_AGO = 14 * 3600.0  # the incident starts this long before the history's end
+INCIDENT_LEN = 600.0
+
+
+def wave(level: float, amp: float, seed: int, t: np.ndarray) -> np.ndarray:
+    x = np.sin(np.floor(t / STEP) * 12.9898 + seed * 78.233) * 43758.5453
+    return level + amp * np.sin(2 * np.pi * t / 3600.0) + 0.1 * amp * (x - np.floor(x) - 0.5) * 3.4
+
+
+class Stack:
+    def __init__(self, prom: PrometheusProcess, url: str, incident: float, started: float) -> None:
+        self.prom, self.url, self.incident, self.started = prom, url, incident, started
+        self.client = PrometheusConnect(url=url, disable_ssl=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[Stack]:
+    wd = tmp_path_factory.mktemp("query_api")
+    end = math.floor((time.time() - 60) / STEP) * STEP
+    ts = np.arange(end - 2 * 86400, end + 1, STEP)
+    incident = end - INCIDENT_AGO
+    a = wave(100, 10, 1, ts)
+    a[(ts >= incident) & (ts < incident + INCIDENT_LEN)] = 160.0  # six amplitudes up
+    items = [(METRIC, {"instance": "a", "job": "app"}, ts, a),
+             (METRIC, {"instance": "b", "job": "app"}, ts, wave(50, 5, 2, ts)),
+             (METRIC, {"instance": "c", "job": "app", "device": "sda"}, ts, wave(7, 1, 3, ts))]
+    backfill(write_openmetrics(wd / "history.om", items), wd / "prom-data")
+    prom = PrometheusProcess(wd / "prometheus", [], data_dir=wd / "prom-data")
+    port = free_port()
+    config = wd / "promvae.yml"
+    config.write_text(yaml.safe_dump({
+        "prometheus": {"url": "", "timeout": "10s", "retries": 0},
+        "step": "60s", "history": "12h", "window": 16, "poll_every": "5s",
+        "queries": [{"name": QUERY, "expr": METRIC}], "model": MODEL}))
+    log = wd / "promvae.log"
+    proc = None
+    try:
+        prom.start()
+        cfg = yaml.safe_load(config.read_text())
+        cfg["prometheus"]["url"] = prom.url
+        config.write_text(yaml.safe_dump(cfg))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
+        with log.open("a") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
+                 "--config.file", str(config), "--storage.path", str(wd / "storage"),
+                 "--web.listen-address", f"127.0.0.1:{port}"],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return requests.get(f"{url}/-/ready", timeout=5).status_code == 200
+
+        wait_until(ready, timeout=60, description="promvae ready",
+                   ignore_exceptions=(requests.RequestException,))
+        yield Stack(prom, url, incident, time.time())
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        prom.stop()
+        if proc is not None and proc.returncode not in (0, None):
+            print(log.read_text()[-5000:])
+
+
+def _dt(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=UTC)
+
+
+def test_connection_and_health_check_query(stack):
+    assert stack.client.check_prometheus_connection()
+    result = stack.client.custom_query("1+1")
+    assert result[1] == "2" and isinstance(result[0], (int, float))
+
+
+def test_range_before_promvae_started_is_scored_and_shows_the_incident(stack):
+    start, end = stack.incident - 3600, stack.incident + 3600
+    assert end < stack.started - 12 * 3600  # promvae never saw this range live
+    result = stack.client.custom_query_range(
+        f'anomaly_score{{anomaly_query="{QUERY}"}}', _dt(start), _dt(end), "60s")
+    by = {r["metric"]["instance"]: r for r in result}
+    assert set(by) == {"a", "b", "c"}
+    assert by["c"]["metric"] == {"__name__": "anomaly_score", "anomaly_query": QUERY,
+                                 "instance": "c", "job": "app", "device": "sda"}
+    series = {t: float(v) for t, v in by["a"]["values"]}
+    assert len(series) > 100  # scored all along, not only around the incident
+    during = [v for t, v in series.items() if stack.incident <= t < stack.incident + 900]
+    before = [v for t, v in series.items() if t < stack.incident - 600]
+    assert max(during) > 1, during
+    assert max(during) > 2 * np.median(before)
+    flags = stack.client.custom_query_range(
+        f'anomaly_flag{{anomaly_query="{QUERY}",instance="a"}}', _dt(start), _dt(end), "600")
+    assert "1" in {v for _, v in flags[0]["values"]}  # max in step: the flag survives 10 min
+
+
+def test_label_values_and_metric_range_data(stack):
+    assert stack.client.get_label_values("anomaly_query") == [QUERY]
+    assert stack.client.get_label_values("instance") == ["a", "b", "c"]
+    data = stack.client.get_metric_range_data(
+        "anomaly_score", label_config={"instance": "a", "anomaly_query": QUERY},
+        start_time=_dt(stack.incident - 1800), end_time=_dt(stack.incident + 1800))
+    assert len(data) == 1 and data[0]["metric"]["instance"] == "a"
+    values = [float(v) for _, v in data[0]["values"]]
+    assert len(values) >= 55 and max(values) > 1
+
+
+def test_topk_and_comparison_during_the_incident(stack):
+    at = {"time": stack.incident + 300}
+    top = stack.client.custom_query("topk(3, anomaly_score)", params=at)
+    assert sorted(r["metric"]["instance"] for r in top) == ["a", "b", "c"]
+    assert max(top, key=lambda r: float(r["value"][1]))["metric"]["instance"] == "a"
+    hot = stack.client.custom_query("anomaly_score > 1", params=at)
+    assert "a" in {r["metric"]["instance"] for r in hot}
+    assert all(float(r["value"][1]) > 1 for r in hot)
+
+
+def test_errors_reach_the_client_as_prometheus_errors(stack):
+    resp = requests.post(f"{stack.url}/api/v1/query_range",
+                         data={"query": "anomaly_score", "start": 0, "end": 1e6, "step": 1})
+    assert resp.status_code == 400 and resp.json()["errorType"] == "bad_data"
+    resp = requests.get(f"{stack.url}/api/v1/query", params={"query": "rate(x[5m])"})
+    assert resp.status_code == 422 and resp.json()["status"] == "error"

@@ -1,0 +1,378 @@
+"""The Prometheus-compatible query API, driven with the requests Grafana's datasource sends.
+
+The service runs in-process over a fake source with a day of history; scoring is the fake
+score = value / 10 (tests/service_fixtures.py), so expected values are exact.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from grafana_plugin_backend.app import Service, create_app
+from grafana_plugin_backend.promclient import SourceError
+from tests.service_fixtures import (
+    T0,
+    FakeClock,
+    FakeFit,
+    FakeSource,
+    fake_score_many,
+    make_config,
+)
+
+HOUR = 3600.0
+SPIKE = T0 - 5 * HOUR  # instance "a" reads 25 (score 2.5) for three minutes from here
+A = {"instance": "a", "job": "app"}
+B = {"instance": "b", "job": "app"}
+
+
+def level_a(t: np.ndarray) -> np.ndarray:
+    return np.where((t >= SPIKE) & (t < SPIKE + 180), 25.0, 5.0)
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = FakeClock(T0)
+    source = FakeSource(clock, start=T0 - 24 * HOUR)
+    source.set("metric_a", A, level_a)
+    source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
+    cfg = make_config(tmp_path)
+    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
+                  score_fn=fake_score_many)
+    app = create_app(cfg, service=svc)
+    svc.poller.poll_once()  # discovers the series
+    svc.trainer.run_once()  # fake models (their files cannot be saved: kept in memory)
+    svc.poller.poll_once()  # scores the newest points: the live state /metrics shows
+    return app, svc, source, clock
+
+
+@pytest.fixture
+def client(world):
+    return world[0].test_client()
+
+
+def scorer(world):
+    return world[0].extensions["promvae_query"].scorer
+
+
+def ok(resp) -> dict:
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["status"] == "success"
+    return body["data"]
+
+
+def error(resp, status: int, error_type: str) -> str:
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert set(body) == {"status", "errorType", "error"}
+    assert body["status"] == "error" and body["errorType"] == error_type
+    assert body["error"] and "Traceback" not in body["error"]
+    return body["error"]
+
+
+# ---- what Grafana sends -------------------------------------------------------------------
+
+def test_grafana_save_and_test_posts_one_plus_one(client):
+    resp = client.post("/api/v1/query", data="query=1%2B1&time=4",
+                       content_type="application/x-www-form-urlencoded")
+    assert resp.get_json() == {"status": "success",
+                               "data": {"resultType": "scalar", "result": [4, "2"]}}
+
+
+def test_post_with_parameters_in_the_url_and_an_empty_body(client):
+    data = ok(client.post("/api/v1/query?query=1%2B1&time=4"))
+    assert data == {"resultType": "scalar", "result": [4, "2"]}
+
+
+def test_range_query_as_grafana_posts_it(client):
+    start, end = SPIKE - 600, SPIKE + 600  # aligned to the 60 s step, sent as floats
+    data = ok(client.post("/api/v1/query_range", data={
+        "query": 'anomaly_score{anomaly_query="q"}', "start": f"{start:.1f}",
+        "end": f"{end:.1f}", "step": "60"}))
+    assert data["resultType"] == "matrix"
+    series = {r["metric"]["instance"]: r for r in data["result"]}
+    assert set(series) == {"a", "b"}
+    a = series["a"]
+    assert set(a) == {"metric", "values"}
+    assert a["metric"] == {"__name__": "anomaly_score", "anomaly_query": "q", **A}
+    assert len(a["values"]) == 21
+    for t, v in a["values"]:
+        assert isinstance(t, (int, float)) and isinstance(v, str)
+    values = {t: float(v) for t, v in a["values"]}
+    assert values[SPIKE] == 2.5 and values[SPIKE + 120] == 2.5
+    assert values[SPIKE - 60] == 0.5 and values[SPIKE + 180] == 0.5
+    assert {v for _, v in series["b"]["values"]} == {"0.3"}
+
+
+def test_coarse_steps_keep_a_short_spike_but_observed_is_the_last_value(client):
+    # the spike covers SPIKE, +60, +120: in (SPIKE - 600, SPIKE] and (SPIKE, SPIKE + 600]
+    args = {"start": SPIKE - 1200, "end": SPIKE + 1200, "step": "600"}
+    score = ok(client.get("/api/v1/query_range",
+                          query_string={"query": 'anomaly_score{instance="a"}', **args}))
+    assert [float(v) for _, v in score["result"][0]["values"]] == [0.5, 0.5, 2.5, 2.5, 0.5]
+    obs = ok(client.get("/api/v1/query_range",
+                        query_string={"query": 'anomaly_observed{instance="a"}', **args}))
+    assert [float(v) for _, v in obs["result"][0]["values"]] == [5.0, 5.0, 25.0, 5.0, 5.0]  # value at each time
+
+
+def test_rfc3339_times_and_duration_steps_equal_floats(client):
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, tz=UTC).isoformat().replace("+00:00", "Z")
+
+    q = 'anomaly_flag{instance="a"}'
+    floats = ok(client.get("/api/v1/query_range", query_string={
+        "query": q, "start": SPIKE - 300, "end": SPIKE + 300, "step": "60"}))
+    texts = ok(client.get("/api/v1/query_range", query_string={
+        "query": q, "start": iso(SPIKE - 300), "end": iso(SPIKE + 300), "step": "1m"}))
+    assert floats == texts
+    assert ["1"] * 3 == [v for t, v in floats["result"][0]["values"] if SPIKE <= t < SPIKE + 180]
+
+
+def test_instant_query_at_now_agrees_with_metrics(world):
+    app, _, _, clock = world
+    client = app.test_client()
+    text = client.get("/metrics").get_data(as_text=True)
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("anomaly_score", "anomaly_observed", "anomaly_flag", "anomaly_upper"):
+        exposed = {s.labels["instance"]: s.value for s in fams[name].samples}
+        data = ok(client.post("/api/v1/query", data={"query": name}))  # time: now
+        got = {r["metric"]["instance"]: float(r["value"][1]) for r in data["result"]}
+        assert got == exposed and len(got) == 2
+        assert all(r["value"][0] == clock() for r in data["result"])
+    assert scorer(world).passes == 0  # answered from the live state, nothing rescored
+
+
+def test_comparison_and_topk_instant_queries(client):
+    t = SPIKE + 60
+    hot = ok(client.get("/api/v1/query", query_string={"query": "anomaly_score > 1", "time": t}))
+    assert hot["resultType"] == "vector"
+    assert [(r["metric"]["instance"], r["value"]) for r in hot["result"]] == [("a", [t, "2.5"])]
+    top = ok(client.get("/api/v1/query", query_string={"query": "topk(1, anomaly_score)",
+                                                       "time": t}))
+    assert [r["metric"]["instance"] for r in top["result"]] == ["a"]
+
+
+def test_range_selector_instant_query_returns_a_matrix(client):
+    # prometheus-api-client's get_metric_range_data sends this (single-quoted values)
+    data = ok(client.get("/api/v1/query", query_string={
+        "query": "anomaly_score{instance='b'}[10m]", "time": SPIKE}))
+    assert data["resultType"] == "matrix"
+    (series,) = data["result"]
+    assert series["metric"]["__name__"] == "anomaly_score"
+    assert [t for t, _ in series["values"]] == [SPIKE - 540 + 60 * i for i in range(10)]
+
+
+def test_scalar_in_a_range_query_is_one_series_without_labels(client):
+    data = ok(client.get("/api/v1/query_range", query_string={
+        "query": "2*3", "start": 100, "end": 220, "step": 60}))
+    assert data == {"resultType": "matrix",
+                    "result": [{"metric": {}, "values": [[100, "6"], [160, "6"], [220, "6"]]}]}
+
+
+# ---- labels, series, metadata -------------------------------------------------------------
+
+def test_labels_merge_match_lists_from_url_and_form(client):
+    every = ok(client.get("/api/v1/labels"))
+    assert every == ["__name__", "anomaly_query", "instance", "job"]
+    data = ok(client.post("/api/v1/series?match[]=anomaly_score{instance=%22a%22}",
+                          data={"match[]": ['anomaly_flag{instance="b"}']}))
+    assert sorted((s["__name__"], s["instance"]) for s in data) == [
+        ("anomaly_flag", "b"), ("anomaly_score", "a")]
+    assert all(set(s) == {"__name__", "anomaly_query", "instance", "job"} for s in data)
+
+
+def test_label_values(client):
+    assert ok(client.get("/api/v1/label/anomaly_query/values")) == ["q"]
+    assert ok(client.get("/api/v1/label/__name__/values")) == sorted([
+        "anomaly_score", "anomaly_flag", "anomaly_expected", "anomaly_lower",
+        "anomaly_upper", "anomaly_observed"])
+    assert ok(client.get("/api/v1/label/instance/values",
+                         query_string={"match[]": 'anomaly_score{instance!="a"}'})) == ["b"]
+    assert ok(client.get("/api/v1/label/instance/values", query_string={"limit": 1})) == ["a"]
+    assert ok(client.get("/api/v1/label/nonexistent/values")) == []
+
+
+def test_metadata_buildinfo_rules_exemplars(client):
+    meta = ok(client.get("/api/v1/metadata"))
+    assert meta["anomaly_score"] == [{"type": "gauge", "help": meta["anomaly_score"][0]["help"],
+                                      "unit": ""}]
+    assert len(meta) == 6
+    assert list(ok(client.get("/api/v1/metadata", query_string={"metric": "anomaly_flag"}))) \
+        == ["anomaly_flag"]
+    info = ok(client.get("/api/v1/status/buildinfo"))
+    assert "features" not in info and info["version"]
+    assert ok(client.get("/api/v1/rules")) == {"groups": []}
+    assert ok(client.post("/api/v1/query_exemplars", data={"query": "anomaly_score"})) == []
+
+
+def test_status_page_still_answers(client):
+    assert client.get("/").status_code == 200
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params,status,etype,words", [
+    ({"query": "anomaly_score{", "start": 0, "end": 60, "step": 60}, 400, "bad_data", "parse"),
+    ({"query": "rate(anomaly_score[5m])", "start": 0, "end": 60, "step": 60}, 422, "execution",
+     "not supported"),
+    ({"query": "up", "start": 0, "end": 60, "step": 60}, 422, "execution", "Prometheus itself"),
+    ({"query": "anomaly_score", "start": "yesterday", "end": 60, "step": 60}, 400, "bad_data",
+     "'start'"),
+    ({"query": "anomaly_score", "start": 0, "end": "nan", "step": 60}, 400, "bad_data", "'end'"),
+    ({"query": "anomaly_score", "start": 0, "end": 60, "step": 0}, 400, "bad_data", "positive"),
+    ({"query": "anomaly_score", "start": 0, "end": 60, "step": "-5"}, 400, "bad_data",
+     "'step'"),
+    ({"query": "anomaly_score", "start": 0, "end": 60, "step": "fast"}, 400, "bad_data",
+     "'step'"),
+    ({"query": "anomaly_score", "start": 120, "end": 60, "step": 60}, 400, "bad_data",
+     "before start"),
+    ({"query": "anomaly_score", "start": 0, "end": 11_000 * 60, "step": 60}, 400, "bad_data",
+     "11,000"),
+    ({"start": 0, "end": 60, "step": 60}, 400, "bad_data", "'query'"),
+    ({"query": "anomaly_score", "end": 60, "step": 60}, 400, "bad_data", "'start'"),
+    ({"query": "anomaly_score[5m]", "start": 0, "end": 60, "step": 60}, 400, "bad_data",
+     "range vector"),
+])
+def test_range_query_errors(client, params, status, etype, words):
+    assert words in error(client.post("/api/v1/query_range", data=params), status, etype)
+
+
+def test_exactly_eleven_thousand_points_is_allowed(client):
+    ok(client.get("/api/v1/query_range", query_string={
+        "query": "1", "start": 0, "end": 10_999 * 60, "step": 60}))
+
+
+def test_instant_query_errors(client):
+    error(client.get("/api/v1/query", query_string={"query": "1+1", "time": "soon"}),
+          400, "bad_data")
+    error(client.get("/api/v1/query", query_string={"query": "anomaly_score / anomaly_flag"}),
+          422, "execution")
+
+
+def test_label_endpoint_errors(client):
+    assert "label name" in error(client.get("/api/v1/label/1bad/values"), 400, "bad_data")
+    error(client.get("/api/v1/labels", query_string={"match[]": "sum(anomaly_score)"}),
+          400, "bad_data")
+    error(client.get("/api/v1/series"), 400, "bad_data")
+    error(client.get("/api/v1/labels", query_string={"limit": "x"}), 400, "bad_data")
+
+
+def test_series_limit_per_query(world):
+    app, *_ = world
+    app.config["PROMVAE_QUERY_MAX_SERIES"] = 1
+    resp = app.test_client().get("/api/v1/query", query_string={"query": "anomaly_score"})
+    assert "limit of 1" in error(resp, 422, "execution")
+    sample = world[1].metrics_registry.get_sample_value
+    assert sample("promvae_query_errors_total", {"type": "execution"}) == 1
+
+
+def test_source_down_is_unavailable(world):
+    app, _, source, _ = world
+    source.fail = "connection"
+    resp = app.test_client().get("/api/v1/query_range", query_string={
+        "query": "anomaly_score", "start": SPIKE, "end": SPIKE + 60, "step": 60})
+    assert "source series" in error(resp, 503, "unavailable")
+
+
+def test_an_unexpected_failure_is_a_422_not_a_500(world, monkeypatch):
+    app = world[0]
+
+    def broken(models, series):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scorer(world), "score_fn", broken)
+    resp = app.test_client().get("/api/v1/query_range", query_string={
+        "query": "anomaly_score", "start": SPIKE, "end": SPIKE + 60, "step": 60})
+    assert "internal error" in error(resp, 422, "execution")
+
+
+# ---- on-demand scoring and its cache ------------------------------------------------------
+
+def test_past_ranges_are_cached_until_the_model_changes(world):
+    app, svc, source, _ = world
+    client = app.test_client()
+    args = {"query": "anomaly_score", "start": SPIKE - 3600, "end": SPIKE, "step": 60}
+    first = ok(client.get("/api/v1/query_range", query_string=args))
+    calls, passes = len(source.calls), scorer(world).passes
+    assert ok(client.get("/api/v1/query_range", query_string=args)) == first
+    assert (len(source.calls), scorer(world).passes) == (calls, passes)  # served from cache
+    s = svc.registry.get_by_labels("q", A)
+    fit = FakeFit(svc.clock)
+    s.model = fit([svc.trainer._pull_history([s])[0][1]], 60.0, svc.vae_config)[0]  # retrained
+    assert ok(client.get("/api/v1/query_range", query_string=args)) == first
+    assert scorer(world).passes == passes + 1  # the new model scored again
+    assert source.calls[-1][0] == "metric_a"
+
+
+def test_on_demand_pull_includes_the_lead_in(world):
+    from detector import lead_in_points
+
+    app, svc, source, _ = world
+    before = len(source.calls)
+    ok(app.test_client().get("/api/v1/query_range", query_string={
+        "query": 'anomaly_score{instance="a"}', "start": SPIKE, "end": SPIKE + 600, "step": 60}))
+    (expr, start, end, step), = source.calls[before:]
+    assert expr == "metric_a"
+    assert start <= SPIKE - 300 - lead_in_points(svc.vae_config) * 60  # lookback + lead-in
+    assert end >= SPIKE + 600 and step == 60.0
+
+
+def test_source_errors_never_leak_a_500(world):
+    app, _, source, _ = world
+
+    def raising(*a, **k):
+        raise SourceError("bad_query", "Prometheus answered HTTP 400")
+
+    source.query_range = raising
+    resp = app.test_client().get("/api/v1/query", query_string={
+        "query": "anomaly_score", "time": SPIKE})
+    error(resp, 503, "unavailable")
+
+
+def test_a_range_ending_now_is_scored_once_then_served_from_cache_and_live_state(world):
+    app = world[0]
+    client = app.test_client()
+    args = {"query": 'anomaly_observed{instance="b"}', "start": T0 - 3 * HOUR, "end": T0,
+            "step": 60}
+    first = ok(client.get("/api/v1/query_range", query_string=args))
+    passes = scorer(world).passes
+    assert passes == 1
+    assert ok(client.get("/api/v1/query_range", query_string=args)) == first
+    assert scorer(world).passes == passes  # settled part cached, the last hour is live state
+    times = [t for t, _ in first["result"][0]["values"]]
+    assert times == [T0 - 3 * HOUR + 60 * i for i in range(181)]  # no hole at the seam
+
+
+def _dashboard_exprs() -> list[str]:
+    import json
+    from pathlib import Path
+
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str) and "anomaly_" in node["expr"]:
+                found.append(node["expr"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    root = Path(__file__).resolve().parents[1] / "dashboards" / "grafana"
+    for path in sorted(root.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("expr", _dashboard_exprs() or ["anomaly_score"])
+def test_every_anomaly_query_of_the_shipped_dashboards_is_answered(client, expr):
+    q = (expr.replace("$anomaly_query", "q").replace("$instance", ".*")
+         .replace("$__rate_interval", "5m").replace("$__interval", "1m"))
+    data = ok(client.post("/api/v1/query_range", data={
+        "query": q, "start": SPIKE - 600, "end": SPIKE + 600, "step": "60"}))
+    assert data["resultType"] == "matrix" and data["result"], q
