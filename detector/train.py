@@ -67,6 +67,16 @@ def _prepare(series: Sequence[Series], config: VAEConfig) -> tuple[list[_Prepare
     return ok, failed
 
 
+def _pack_prepared(prepared: list[_Prepared], config: VAEConfig, seeds: Sequence[int] | None):
+    """Seeds, seasonality masks, packed tensors and valid window ends of prepared series."""
+    seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
+    seasonality = [seasonality_mask(_span(p.series)) for p in prepared]
+    packed = pack(
+        [p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip, seasonality
+    )
+    return seed_list, seasonality, packed, valid_ends(packed, config)
+
+
 def _span(s: Series) -> float:
     obs = np.isfinite(s.values)
     return float(s.timestamps[obs][-1] - s.timestamps[obs][0]) if obs.any() else 0.0
@@ -129,12 +139,7 @@ def fit_many(
     results: list[SeriesModel | Exception] = [failed.get(i) for i in range(len(series))]  # type: ignore[misc]
     if not prepared:
         return results
-    seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
-    seasonality = [seasonality_mask(_span(p.series)) for p in prepared]
-    packed = pack(
-        [p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip, seasonality
-    )
-    valid = valid_ends(packed, config)
+    seed_list, seasonality, packed, valid = _pack_prepared(prepared, config, seeds)
     keep = valid.sum(1) >= 2
     split = _split(valid, config)
     tr, n_tr, va, _ = split
@@ -355,9 +360,6 @@ def train_weights(series: Sequence[Series], config: VAEConfig, seeds: Sequence[i
     prepared, failed = _prepare(series, config)
     if failed:
         raise next(iter(failed.values()))
-    seed_list = [int(seeds[p.index]) if seeds is not None else config.seed for p in prepared]
-    seasonality = [seasonality_mask(_span(p.series)) for p in prepared]
-    packed = pack([p.series for p in prepared], [p.center for p in prepared], [p.scale for p in prepared], config.clip, seasonality)
-    valid = valid_ends(packed, config)
+    seed_list, _, packed, valid = _pack_prepared(prepared, config, seeds)
     best, _ = _train(packed, _split(valid, config), valid.sum(1) >= 2, config, seed_list, None)
     return best
