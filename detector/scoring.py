@@ -21,10 +21,12 @@ import torch
 from . import rng
 from .config import VAEConfig
 from .fitted import SeriesModel
-from .model import Params, decode, encode, gaussian_logp, stack
+from .model import LOG_2PI, Params, decode, encode, stack
 from .series import DAY, WEEK, Series, normalise
 
-_CHUNK_ELEMENTS = 1 << 24  # bound on K*c*L*W per scoring chunk (64 MB of float32)
+# Bound on K*c*L*W per scoring chunk: 8 MB of float32, so the elementwise likelihood pass
+# stays in cache (measured 2.7x faster than 64 MB chunks for 20 series x 1,600 windows).
+_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -112,6 +114,17 @@ def gather_windows(packed: Packed, ends: torch.Tensor, window: int):
     return x, m, packed.t.gather(1, ends)
 
 
+def _mean_nll(x: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """-log N(x; mu, std) averaged over the L samples: x (K, c, W), mu, std (K, c, L, W).
+
+    gaussian_logp, negated, computed in place: mu and std are overwritten. Scoring is
+    bound by this elementwise pass (K*c*L*W values), so no temporaries of that size.
+    """
+    d = mu.sub_(x[:, :, None, :]).div_(std).square_().mul_(0.5)
+    d.add_(std.log_())
+    return d.mean(2).add_(0.5 * LOG_2PI)
+
+
 @torch.inference_mode()
 def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tensor, seeds: Sequence[int]):
     """Raw scores per scale and newest-point reconstruction for windows ending at `ends` (K, E).
@@ -142,15 +155,15 @@ def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tens
         mu_x, std_x = decode(p, config, z, cond_l)
         mu_x = mu_x.reshape(k, c, big_l, w)
         std_x = std_x.reshape(k, c, big_l, w)
-        logp = gaussian_logp(x[:, :, None, :], mu_x, std_x).mean(2)  # (K, c, W)
-        nll_all = -(logp * m).sum(-1) / m.sum(-1).clamp_min(1)
-        for si, n in enumerate(config.score_scales):
-            mt = m[:, :, -n:]
-            nll = -(logp[:, :, -n:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
-            # An unobserved tail (the newest points missing) falls back to the whole window.
-            raw[:, a:b, si] = torch.where(mt.sum(-1) > 0, nll, nll_all).double().numpy()
         mu_n = mu_x[..., -1].mean(-1)
         var_n = (std_x[..., -1] ** 2).mean(-1) + mu_x[..., -1].var(-1, unbiased=False)
+        nll = _mean_nll(x, mu_x, std_x)  # (K, c, W); mu_x and std_x are consumed
+        nll_all = (nll * m).sum(-1) / m.sum(-1).clamp_min(1)
+        for si, n in enumerate(config.score_scales):
+            mt = m[:, :, -n:]
+            nll_n = (nll[:, :, -n:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
+            # An unobserved tail (the newest points missing) falls back to the whole window.
+            raw[:, a:b, si] = torch.where(mt.sum(-1) > 0, nll_n, nll_all).double().numpy()
         mu_last[:, a:b] = mu_n.double().numpy()
         std_last[:, a:b] = var_n.sqrt().double().numpy()
     return raw, mu_last, std_last
