@@ -12,6 +12,13 @@ valid up to the newest point that was `settle` seconds old when it was scored, s
 samples are never frozen out; a chunk's newer points come from the live buffer or are scored
 again. The cache is an LRU bounded by the number of stored values.
 
+Series that vanished from the source keep their model on disk for `model_retention`; they
+stay queryable for past ranges (their model is loaded on demand, a few kept in memory).
+
+Limits (config keys): query_max_score_points bounds the points one query scores,
+query_cache_values the cache, query_timeout the time a query may take (checked between the
+source reads and between scoring batches, so a cancelled query stops within one batch).
+
 Sampling at the query's step is promql.py's business: anomaly_score and anomaly_flag take
 the maximum inside each step, the other metrics the newest point (Prometheus' semantics).
 """
@@ -28,20 +35,22 @@ from typing import Any
 
 import numpy as np
 
-from detector import lead_in_points, regularize, score_many
+from detector import ModelFileError, lead_in_points, regularize, score_many
 
 from .promclient import SourceError
 from .promql import ALL_METRICS, LabelMatcher, QueryError, grid_start, matches_all
-from .state import READY, RESULT_FIELDS, SeriesState, series_id
+from .state import READY, RESULT_FIELDS, SeriesState, exposed_labels, series_id
 
 log = logging.getLogger(__name__)
 
 FIELD_OF = {"anomaly_score": "score", "anomaly_flag": "flag", "anomaly_expected": "expected",
             "anomaly_lower": "lower", "anomaly_upper": "upper", "anomaly_observed": "observed"}
 CHUNK_POINTS = 120  # grid points per cached chunk (2 h at a 60 s step): little waste at the edges
-CACHE_VALUES = 4_000_000  # float64 values kept in the cache (32 MB)
-MAX_SCORE_POINTS = 2_000_000  # grid points one query may score (series x range)
 SETTLE = 300.0  # seconds after which a chunk's source data is taken as final
+# Series per score_many call: big enough to batch the matmuls, small enough that a query
+# past its deadline stops soon (and memory per call stays bounded).
+SCORE_BATCH = 16
+GONE_MODELS = 64  # models of vanished series kept loaded (about 240 KB each)
 
 
 Chunk = tuple[dict[str, np.ndarray], float]  # ({field: (C,)}, valid up to this time)
@@ -55,7 +64,7 @@ def _token(model: Any) -> tuple[int, float]:
 class ScoreCache:
     """LRU of scored chunks: key -> ({field: (C,)}, valid_to), bounded by the values held."""
 
-    def __init__(self, max_values: int = CACHE_VALUES) -> None:
+    def __init__(self, max_values: int) -> None:
         self.max_values = max_values
         self.values = 0
         self.hits = self.misses = 0
@@ -94,15 +103,20 @@ class OnDemandScorer:
     """Scores registry series over any range; one instance per service."""
 
     def __init__(self, service: Any, *, chunk_points: int = CHUNK_POINTS,
-                 cache_values: int = CACHE_VALUES, max_score_points: int = MAX_SCORE_POINTS,
-                 settle: float = SETTLE, score_fn: Any = None) -> None:
+                 cache_values: int | None = None, max_score_points: int | None = None,
+                 timeout: float | None = None, settle: float = SETTLE,
+                 score_fn: Any = None) -> None:
+        cfg = service.cfg
         self.svc = service
-        self.step = float(service.cfg.step)
+        self.step = float(cfg.step)
         self.lead_in = lead_in_points(service.vae_config)
         self.chunk_points = chunk_points
-        self.max_score_points = max_score_points
-        self.settle = max(settle, float(service.cfg.poll_delay))
-        self.cache = ScoreCache(cache_values)
+        self.max_score_points = (cfg.query_max_score_points if max_score_points is None
+                                 else max_score_points)
+        self.timeout = cfg.query_timeout if timeout is None else timeout
+        self.settle = max(settle, float(cfg.poll_delay))
+        self.cache = ScoreCache(cfg.query_cache_values if cache_values is None else cache_values)
+        self._gone: OrderedDict[str, SeriesState] = OrderedDict()  # vanished, model loaded
         self.score_fn = score_fn or getattr(service.poller, "score_fn", score_many)
         self._exprs = {q.name: q.expr for q in service.queries}
         self._score_lock = threading.Lock()  # one on-demand scoring pass at a time
@@ -113,22 +127,55 @@ class OnDemandScorer:
         return Session(self)
 
     def labelsets(self) -> list[tuple[dict[str, str], SeriesState]]:
-        """(labels with __name__, series) of every anomaly_* series of every registered series."""
+        """(labels with __name__, series) of every anomaly_* series of every registered series,
+        and of the vanished series whose model is still on disk (queryable for past ranges)."""
         with self.svc.registry.lock:
             states = self.svc.registry.all()
+            gone = dict(self.svc.registry.vanished)
+        for sid in [sid for sid in self._gone if sid not in gone]:  # back, or deleted
+            del self._gone[sid]
+        for sid, info in gone.items():
+            s = self._gone.get(sid)
+            if s is None:
+                query, labels = str(info["query"]), dict(info["labels"])
+                s = SeriesState(id=sid, query=query, labels=labels,
+                                exposed=exposed_labels(query, labels), stored=True)
+            states.append(s)
         return [({**s.exposed, "__name__": name}, s) for s in states for name in ALL_METRICS]
 
-    def rows(self, states: Sequence[SeriesState], g0: float, g1: float) -> dict[str, dict]:
+    def _load_gone(self, states: Sequence[SeriesState]) -> None:
+        """Load the stored model of each vanished series in `states` (a few stay loaded)."""
+        registry = self.svc.registry
+        for s in states:
+            if s.model is not None or registry.get(s.id) is s:
+                if s.id in self._gone:
+                    self._gone.move_to_end(s.id)
+                continue
+            try:
+                s.model = self.svc.store.load(s.id)
+            except ModelFileError as e:
+                log.warning("vanished series %s %s: model not loadable (%s)", s.query,
+                            s.exposed, e)
+                continue
+            s.state = READY
+            self._gone[s.id] = s
+            while len(self._gone) > GONE_MODELS:
+                self._gone.popitem(last=False)
+
+    def rows(self, states: Sequence[SeriesState], g0: float, g1: float,
+             deadline: float = math.inf) -> dict[str, dict]:
         """Per series id: {field: (N,)} on the grid g0, g0+step, ..., g1 (NaN = no point).
 
         Per chunk, in order of preference: the live poller's recent points, the cache (whose
         entries are valid up to the time they had settled), a fresh scoring pass.
+        `deadline` (time.monotonic()) cancels the query with a timeout error.
         """
         step, c = self.step, self.chunk_points
         n = math.floor((g1 - g0) / step + 1e-9) + 1 if g1 >= g0 else 0
         out = {s.id: {f: np.full(n, np.nan) for f in RESULT_FIELDS} for s in states}
         if n == 0:
             return out
+        self._load_gone(states)
         with self.svc.registry.lock:
             live = [(s, s.model, {k: v.copy() for k, v in s.recent.items()}) for s in states
                     if s.state == READY and s.model is not None]
@@ -158,7 +205,7 @@ class OnDemandScorer:
                 todo.append((s, model))
         if todo:
             hi_todo = min(hi_todo, math.floor(self.svc.clock() / step) * step)
-            for sid, got in self._score(todo, lo_todo, hi_todo).items():
+            for sid, got in self._score(todo, lo_todo, hi_todo, deadline).items():
                 chunks[sid].update(got)
         base = round(g0 / step)
         for s, _, recent in live:
@@ -185,8 +232,13 @@ class OnDemandScorer:
         for f in RESULT_FIELDS:
             dest[f][idx[ok]] = recent[f][ok]
 
-    def _score(self, todo: list[tuple[SeriesState, Any]], lo: float,
-               hi: float) -> dict[str, dict[int, Chunk]]:
+    def _check(self, deadline: float, doing: str) -> None:
+        if time.monotonic() > deadline:
+            raise QueryError("timeout", f"query timed out in {doing} (query_timeout "
+                             f"{self.timeout:g} s); narrow the time range or the series")
+
+    def _score(self, todo: list[tuple[SeriesState, Any]], lo: float, hi: float,
+               deadline: float = math.inf) -> dict[str, dict[int, Chunk]]:
         """Pull and score [lo, hi] (lo chunk-aligned) for `todo` in one batch.
 
         Chunks are cached with the newest time that had settled (valid_to); later points of
@@ -204,12 +256,17 @@ class OnDemandScorer:
         by_query: dict[str, list[tuple[SeriesState, Any]]] = {}
         for s, model in todo:
             by_query.setdefault(s.query, []).append((s, model))
-        with self._score_lock:
+        if not self._score_lock.acquire(timeout=max(0.0, min(deadline - time.monotonic(),
+                                                             self.timeout))):
+            raise QueryError("timeout", "query timed out waiting for another query's scoring "
+                             f"pass (query_timeout {self.timeout:g} s)")
+        try:
             models, series, owners = [], [], []
             for name, members in by_query.items():
                 expr = self._exprs.get(name)
                 if expr is None:
                     continue
+                self._check(deadline, "reading the source series")
                 try:
                     found = self.svc.source.query_range(expr, pull_from, hi, step)
                 except SourceError as e:
@@ -223,8 +280,13 @@ class OnDemandScorer:
                     models.append(model)
                     series.append(regularize(rs.timestamps, rs.values, step))
                     owners.append((s, model))
-            results = self.score_fn(models, series) if models else []
+            results = []
+            for a in range(0, len(models), SCORE_BATCH):
+                self._check(deadline, f"scoring ({a} of {len(models)} series done)")
+                results += self.score_fn(models[a:a + SCORE_BATCH], series[a:a + SCORE_BATCH])
             self.passes += 1
+        finally:
+            self._score_lock.release()
         settled = math.floor((self.svc.clock() - self.settle) / step) * step
         k_lo = round(lo / (c * step))
         n_chunks = math.floor((hi - lo) / (c * step) + 1e-9) + 1
@@ -257,6 +319,7 @@ class Session:
     def __init__(self, scorer: OnDemandScorer) -> None:
         self.scorer = scorer
         self.step = scorer.step
+        self.deadline = time.monotonic() + scorer.timeout
         self._refs: dict[tuple, tuple[SeriesState, str]] = {}
 
     def select(self, matchers: Sequence[LabelMatcher]) -> list[dict[str, str]]:
@@ -275,7 +338,7 @@ class Session:
         refs = [self._refs[tuple(sorted(lab.items()))] for lab in series]
         states = list({s.id: s for s, _ in refs}.values())
         started = time.monotonic()
-        rows = self.scorer.rows(states, g0, g1) if n else {}
+        rows = self.scorer.rows(states, g0, g1, self.deadline) if n else {}
         log.debug("loaded %d series x %d points in %.3f s", len(states), n,
                   time.monotonic() - started)
         out = np.full((len(series), n), np.nan)

@@ -33,7 +33,6 @@ from .promql import (
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 11_000  # per series, as Prometheus refuses more
-MAX_SERIES = 1000  # anomaly_* series one query may select (app.config PROMVAE_QUERY_MAX_SERIES)
 API_VERSION = "2.53.0"  # the Prometheus HTTP API level answered (buildinfo "version")
 HELP = {
     "anomaly_score": "Anomaly score normalised by the learned threshold: 1.0 = at threshold, "
@@ -164,7 +163,8 @@ def _unexpected(e: Exception) -> tuple[Response, int]:
 # ---- queries ------------------------------------------------------------------------------
 
 def _max_series() -> int:
-    return int(current_app.config.get("PROMVAE_QUERY_MAX_SERIES", MAX_SERIES))
+    default = current_app.extensions["promvae"].cfg.query_max_series
+    return int(current_app.config.get("PROMVAE_QUERY_MAX_SERIES", default))
 
 
 def _query_text() -> str:

@@ -6,6 +6,7 @@ score = value / 10 (tests/service_fixtures.py), so expected values are exact.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 import numpy as np
@@ -376,3 +377,96 @@ def test_every_anomaly_query_of_the_shipped_dashboards_is_answered(client, expr)
     data = ok(client.post("/api/v1/query_range", data={
         "query": q, "start": SPIKE - 600, "end": SPIKE + 600, "step": "60"}))
     assert data["resultType"] == "matrix" and data["result"], q
+
+
+# ---- limits from the config and vanished series ------------------------------------------
+
+def _world_with(tmp_path, **overrides):
+    clock = FakeClock(T0)
+    source = FakeSource(clock, start=T0 - 24 * HOUR)
+    source.set("metric_a", A, level_a)
+    source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
+    cfg = make_config(tmp_path, **overrides)
+    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
+                  score_fn=fake_score_many)
+    app = create_app(cfg, service=svc)
+    svc.poller.poll_once()
+    svc.trainer.run_once()
+    svc.poller.poll_once()
+    return app, svc, source
+
+
+def test_query_limits_are_config_keys(tmp_path):
+    app, *_ = _world_with(tmp_path, query_max_series=6, query_max_score_points=100)
+    client = app.test_client()
+    assert len(ok(client.get("/api/v1/query", query_string={"query": "anomaly_score"}))[
+        "result"]) == 2  # 2 series x 1 metric fits 6
+    msg = error(client.get("/api/v1/query", query_string={"query": "{__name__=~'anomaly_.*'}"}),
+                422, "execution")
+    assert "limit of 6" in msg  # 2 series x 6 metrics
+    msg = error(client.get("/api/v1/query_range", query_string={
+        "query": "anomaly_score", "start": SPIKE - 3 * HOUR, "end": SPIKE, "step": 60}),
+        422, "execution")
+    assert "limit of 100 points" in msg
+
+
+def test_a_query_past_its_timeout_is_cancelled_with_a_timeout_error(tmp_path):
+    app, svc, source = _world_with(tmp_path, query_timeout="1ms")
+    calls = len(source.calls)
+    scorer = app.extensions["promvae_query"].scorer
+    scorer._score_lock.acquire()  # another query is scoring and holds on for longer
+    try:
+        msg = error(app.test_client().get("/api/v1/query_range", query_string={
+            "query": "anomaly_score", "start": SPIKE, "end": SPIKE + 600, "step": 60}),
+            503, "timeout")
+    finally:
+        scorer._score_lock.release()
+    assert "timed out" in msg and "query_timeout" in msg
+    assert len(source.calls) == calls  # cancelled before reading the source
+    sample = svc.metrics_registry.get_sample_value
+    assert sample("promvae_query_errors_total", {"type": "timeout"}) == 1
+
+
+def test_a_timeout_between_scoring_batches_stops_the_pass(tmp_path, monkeypatch):
+    from grafana_plugin_backend import backfill
+
+    app, _svc, _source = _world_with(tmp_path)
+    scorer = app.extensions["promvae_query"].scorer
+    monkeypatch.setattr(backfill, "SCORE_BATCH", 1)
+    batches = []
+
+    def slow_score(models, series):  # the first batch uses up the query's time
+        batches.append(len(models))
+        scorer.timeout = -1.0
+        monkeypatch.setattr(backfill.time, "monotonic", lambda: math.inf)
+        return fake_score_many(models, series)
+
+    scorer.score_fn = slow_score
+    msg = error(app.test_client().get("/api/v1/query_range", query_string={
+        "query": "anomaly_score", "start": SPIKE, "end": SPIKE + 600, "step": 60}),
+        503, "timeout")
+    assert batches == [1] and "1 of 2 series done" in msg
+
+
+def test_a_vanished_series_stays_queryable_for_past_ranges(tmp_path):
+    from tests.service_fixtures import FakeStore
+
+    app, svc, _source = _world_with(tmp_path)
+    svc.store = FakeStore()
+    s = svc.registry.get_by_labels("q", A)
+    svc.store.save(s.id, s.model)
+    s.stored = True
+    svc.registry.remove(s.id, T0)  # gone from the source and from /metrics
+    assert svc.registry.get(s.id) is None
+    client = app.test_client()
+    values = ok(client.get("/api/v1/label/instance/values"))
+    assert "a" in values
+    data = ok(client.get("/api/v1/query_range", query_string={
+        "query": 'anomaly_score{instance="a"}', "start": SPIKE, "end": SPIKE + 120, "step": 60}))
+    (row,) = data["result"]
+    assert [float(v) for _, v in row["values"]] == [2.5, 2.5, 2.5]
+    svc.store.delete(s.id)  # model deleted after model_retention: nothing to score
+    svc.registry.vanished.pop(s.id)
+    data = ok(client.get("/api/v1/query_range", query_string={
+        "query": 'anomaly_score{instance="a"}', "start": SPIKE, "end": SPIKE + 120, "step": 60}))
+    assert data["result"] == []
