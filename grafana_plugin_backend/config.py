@@ -86,6 +86,9 @@ class PrometheusConfig:
     timeout: float = 30.0       # seconds per HTTP request
     retries: int = 2            # extra attempts on connection errors and 429/502/503/504
     method: str = "GET"
+    # Bigger answers are refused before JSON parsing (which takes ~10x the bytes in memory);
+    # a refused range is re-asked in halves, so big histories still load, in smaller pieces.
+    max_response_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,14 @@ class Config:
     keep_scores: float = 3600.0        # recent scored points kept per series (status API)
     poll_delay: float = 0.0            # poll up to now - poll_delay (late-arriving samples)
     torch_threads: int = 1             # CPU threads per torch op; 1 keeps scoring responsive
+    query_max_series: int = 1000       # anomaly_* series one query may select
+    query_max_score_points: int = 2_000_000  # points one query may score on demand (series x range)
+    query_cache_values: int = 4_000_000  # scored values kept for repeated queries (8 bytes each)
+    query_timeout: float = 120.0       # a query running longer is cancelled (Prometheus' default)
     storage_path: str = "data"
     listen_address: str = ":8080"
+    web_config_file: str = ""          # exporter-toolkit web config: TLS and basic auth users
+    web_max_request_bytes: int = 1024 * 1024  # larger request bodies get 413
     log_level: str = "info"
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
 
@@ -132,7 +141,7 @@ class Config:
 
 # Keys that take a duration; every other scalar is converted by its default's type.
 _DURATIONS = {"step", "history", "poll_every", "retrain_every", "series_ttl", "model_retention",
-              "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout"}
+              "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout"}
 _SECRETS = {"prometheus.basic_auth.password"}
 _YAML_KEYS = {"queries", "prometheus.headers", "model"}  # env values parsed as YAML
 
@@ -282,7 +291,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     """Cross-field checks; appends one sentence per bad key."""
     p = cfg.prometheus
     if p.url and not re.match(r"^https?://[^/\s]+", p.url):
-        errors.append(f"prometheus.url: must start with http:// or https://, got {p.url!r}")
+        errors.append("prometheus.url: must start with http:// or https://, "
+                      f"got {redact_url(p.url)!r}")
     if p.url and not cfg.queries:
         errors.append("queries: at least one query is needed when prometheus.url is set")
     if cfg.queries and not p.url:
@@ -307,6 +317,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append("prometheus.timeout: must be positive")
     if p.retries < 0:
         errors.append("prometheus.retries: must not be negative")
+    if p.max_response_bytes < 1024:
+        errors.append("prometheus.max_response_bytes: must be at least 1024")
     if cfg.step < 1 or not float(cfg.step).is_integer():
         errors.append(f"step: must be a whole number of seconds >= 1s, got {cfg.step:g}s")
     if cfg.window < 2:
@@ -321,6 +333,13 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append("torch_threads: must be 0 (torch's default) or a positive count")
     if cfg.max_series < 1:
         errors.append("max_series: must be at least 1")
+    for key in ("query_max_series", "query_max_score_points"):
+        if getattr(cfg, key) < 1:
+            errors.append(f"{key}: must be at least 1")
+    if cfg.query_cache_values < 0:
+        errors.append("query_cache_values: must not be negative (0 turns the cache off)")
+    if cfg.query_timeout <= 0:
+        errors.append("query_timeout: must be positive")
     names = [q.name for q in cfg.queries]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"queries: duplicate name {name!r}")
@@ -334,6 +353,15 @@ def _validate(cfg: Config, errors: list[str]) -> None:
                 errors.append(f"queries[{i}].expr ({q.name}): PromQL parse error: {e}")
     if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[^:\s]*):\d{1,5}$", cfg.listen_address):
         errors.append(f"listen_address: must be host:port or :port, got {cfg.listen_address!r}")
+    if cfg.web_max_request_bytes < 1024:
+        errors.append("web_max_request_bytes: must be at least 1024")
+    if cfg.web_config_file:
+        from .webconfig import load_web_config
+
+        try:
+            load_web_config(cfg.web_config_file)
+        except ConfigError as e:
+            errors.extend(f"web_config_file {cfg.web_config_file}: {m}" for m in e.errors)
     if cfg.log_level.lower() not in _LOG_LEVELS:
         errors.append(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
 
