@@ -1,7 +1,7 @@
 """Latency of a 24 h range query at 60 s step through promvae's query API vs Prometheus itself.
 
 A real Prometheus gets two days of backfilled history for N series; promvae (the default model
-size, trained briefly: training length does not change scoring cost) serves HTTP with waitress
+size, trained briefly: training length does not change scoring cost) serves HTTP with cheroot
 in this process. For 1 and for 100 series it times, over HTTP:
 
 - prometheus: the raw source query (`bench_value{...}`) answered by Prometheus;
@@ -94,11 +94,12 @@ def main() -> int:
         trained = svc.trainer.run_once()
         print(f"trained {trained} models (default size, 40 steps) in "
               f"{time.perf_counter() - t0:.1f} s")
-        from waitress import create_server
+        from cheroot.wsgi import Server
 
         port = free_port()
-        server = create_server(app, host="127.0.0.1", port=port, threads=8)
-        threading.Thread(target=server.run, daemon=True).start()
+        server = Server(("127.0.0.1", port), app, numthreads=8)
+        server.prepare()
+        threading.Thread(target=server.serve, daemon=True).start()
         api = f"http://127.0.0.1:{port}/api/v1/query_range"
         scorer = app.extensions["promvae_query"].scorer
         q_end = end - 3600
@@ -122,7 +123,7 @@ def main() -> int:
                 print(f"{n:>6} {name:<16} {med:>9.4f} {p99:>9.4f} {med / base:>19.1f}x")
     finally:
         if server is not None:
-            server.close()
+            server.stop()
         prom.stop()
     return 0
 

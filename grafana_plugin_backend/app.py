@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import query_api
+from . import access, query_api
 from .config import Config, describe
 from .demo import QUERIES as DEMO_QUERIES
 from .demo import DemoSource
@@ -22,6 +22,7 @@ from .state import PENDING, READY, Registry
 from .status import bp as status_bp
 from .store import ModelStore, index_of, restore
 from .trainer import Trainer
+from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,18 @@ class Service:
 
 
 def create_app(config: Config, *, service: Service | None = None,
+               web_config: WebConfig | None = None,
                start_background: bool = False, **service_kwargs: Any) -> Flask:
-    """A Flask app serving /metrics, status pages and health for `config`'s service."""
+    """A Flask app serving /metrics, status pages and health for `config`'s service.
+
+    Basic auth, TLS settings and headers come from `web_config`, else from
+    `config.web_config_file` (ConfigError if that file is bad).
+    """
+    if web_config is None and config.web_config_file:
+        web_config = load_web_config(config.web_config_file)
     app = Flask(__name__)
     app.config["PROMVAE"] = config
+    access.init_app(app, web_config, config.web_max_request_bytes)
     service = service or Service(config, **service_kwargs)
     service.init_app(app)
     app.register_blueprint(exposition_bp)

@@ -14,14 +14,13 @@ from .config import Config, ConfigError, describe, load_config
 log = logging.getLogger("promvae")
 
 _FLAG_KEYS = {"web_listen_address": "listen_address", "storage_path": "storage_path",
-              "log_level": "log_level"}
+              "log_level": "log_level", "web_config_file": "web_config_file"}
 
 
 def _setup_logging(level: str) -> None:
     level = {"warn": "warning"}.get(level.lower(), level.lower())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="YAML config (default: none; without prometheus.url the demo runs)")
     s.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR",
                    help="address to serve on (default :8080)")
+    s.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                   help="TLS and basic auth settings, as for Prometheus exporters (default none)")
     s.add_argument("--storage.path", dest="storage_path", metavar="DIR",
                    help="directory for models and the series index (default data)")
     s.add_argument("--log.level", dest="log_level", metavar="LEVEL",
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("file", metavar="FILE")
+    c.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                   help="also check this web config (TLS, basic auth)")
 
     b = sub.add_parser("backtest", help="train on the head of a CSV series, score all of it")
     b.add_argument("--input", metavar="FILE", help="timestamp,value CSV (default: stdin)")
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            return _check_config(args.file)
+            return _check_config(args.file, args.web_config_file)
         overrides = {key: getattr(args, flag, None) for flag, key in _FLAG_KEYS.items()}
         cfg = load_config(getattr(args, "config_file", None), overrides=overrides)
     except ConfigError as e:
@@ -70,13 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(cfg)
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, web_config_file: str | None = None) -> int:
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, overrides={"web_config_file": web_config_file})
     except ConfigError as e:
         print(f"promvae: {e}", file=sys.stderr)
         return 1
     print(f"{path}: OK ({describe(cfg)})")
+    if cfg.web_config_file:
+        from .webconfig import load_web_config
+
+        print(f"{cfg.web_config_file}: OK ({load_web_config(cfg.web_config_file).describe()})")
     for q in cfg.queries:
         print(f"  query {q.name}: {q.expr}")
     return 0

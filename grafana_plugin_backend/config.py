@@ -78,7 +78,7 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class PrometheusConfig:
-    url: str = ""
+    url: str = field(default="", repr=False)  # may hold user:password@; __repr__ redacts it
     bearer_token_file: str = ""
     basic_auth: BasicAuth = field(default_factory=BasicAuth)
     tls_config: TLSConfig = field(default_factory=TLSConfig)
@@ -89,6 +89,10 @@ class PrometheusConfig:
     # Bigger answers are refused before JSON parsing (which takes ~10x the bytes in memory);
     # a refused range is re-asked in halves, so big histories still load, in smaller pieces.
     max_response_bytes: int = 64 * 2**20
+
+    def __repr__(self) -> str:
+        shown = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr)
+        return f"PrometheusConfig(url={redact_url(self.url)!r}, {', '.join(shown)})"
 
 
 @dataclass(frozen=True)

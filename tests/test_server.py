@@ -91,3 +91,22 @@ def test_demo_serves_scores_stops_on_sigterm_and_restarts_with_loaded_models(tmp
             proc.kill()
             proc.wait()
 
+
+
+def test_port_in_use_exits_1_with_a_clear_log(tmp_path, caplog):
+    import logging
+    import socket
+
+    from grafana_plugin_backend.config import load_config
+    from grafana_plugin_backend.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = load_config(None, environ={}, overrides={
+            "listen_address": f"127.0.0.1:{port}", "storage_path": str(tmp_path / "s")})
+        with caplog.at_level(logging.ERROR):
+            assert serve(cfg) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    assert "Address already in use" in caplog.text
