@@ -214,11 +214,12 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
         first = min(config.window - 1, length - 1)
         ends = torch.arange(first, length).expand(len(ms), length - first).clone()
         valid = valid_ends(packed, config).numpy()
-        p = stack([m.params for m in ms])
-        raw_e, mu_e, sd_e = score_windows(p, config, packed, ends, [m.seed for m in ms])
-        raw = np.full((len(ms), length, raw_e.shape[-1]), np.nan)
+        raw = np.full((len(ms), length, len(config.score_scales)), np.nan)
         mu, sd = np.full((len(ms), length), np.nan), np.full((len(ms), length), np.nan)
-        raw[:, first:], mu[:, first:], sd[:, first:] = raw_e, mu_e, sd_e
+        if length >= config.window:  # else no series holds a whole window: all NaN
+            p = stack([m.params for m in ms])
+            raw_e, mu_e, sd_e = score_windows(p, config, packed, ends, [m.seed for m in ms])
+            raw[:, first:], mu[:, first:], sd[:, first:] = raw_e, mu_e, sd_e
         for j, (mdl, s) in enumerate(zip(ms, ss)):
             n = len(s)
             ok = valid[j, :n]

@@ -9,6 +9,7 @@ import numpy as np
 DAY = 86400.0
 WEEK = 7 * DAY
 N_TIME_FEATURES = 4  # sin/cos of time of day, sin/cos of day of week
+MAX_GRID_POINTS = 20_000_000  # a regular grid longer than this (160 MB) is refused
 
 
 @dataclass
@@ -45,8 +46,8 @@ def regularize(timestamps: np.ndarray, values: np.ndarray, step: float) -> Serie
     timestamp rounded down to a multiple of `step`), keeps the last sample of duplicates,
     marks grid points without a sample as NaN and turns ±Inf into NaN.
     """
-    if not step > 0:
-        raise ValueError(f"step must be positive, got {step}")
+    if not (step > 0 and np.isfinite(step)):
+        raise ValueError(f"step must be a positive number of seconds, got {step}")
     t = np.asarray(timestamps, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     if t.shape != v.shape or t.ndim != 1:
@@ -55,7 +56,15 @@ def regularize(timestamps: np.ndarray, values: np.ndarray, step: float) -> Serie
     t, v = t[keep], v[keep]
     if len(t) == 0:
         return Series(np.empty(0), np.empty(0))
-    idx = np.rint(t / step).astype(np.int64)
+    with np.errstate(over="ignore"):
+        q = np.rint(t / step)  # grid positions, as floats until they are known to fit
+    if not np.isfinite(q).all() or np.abs(q).max() > 2.0**53:
+        raise ValueError(f"timestamps out of range for a grid of step {step} s "
+                         f"(from {t.min()} to {t.max()})")
+    if q.max() - q.min() >= MAX_GRID_POINTS:
+        raise ValueError(f"timestamps from {t.min()} to {t.max()} span more than "
+                         f"{MAX_GRID_POINTS} points of step {step} s")
+    idx = q.astype(np.int64)
     start = idx.min()
     pos = idx - start
     grid = np.full(int(pos.max()) + 1, np.nan)

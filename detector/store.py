@@ -8,6 +8,7 @@ a JSON document in the safetensors header under the key "promvae".
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -113,6 +114,8 @@ def load_model_file(path: str | Path) -> SeriesModel:
         header_len = int.from_bytes(blob[:8], "little")
         header = json.loads(blob[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["promvae"])
+        if not isinstance(meta, dict):
+            raise TypeError(f"metadata is a JSON {type(meta).__name__}, not an object")
     except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"model file {path} is corrupt or not a promvae model: {e}") from e
     version = meta.get("format_version")
@@ -134,7 +137,7 @@ def load_model_file(path: str | Path) -> SeriesModel:
         if bad:
             raise ValueError(f"non-finite weights in {', '.join(sorted(bad))}")
         norm, thr, tr = meta["normalisation"], meta["threshold"], meta["training"]
-        return SeriesModel(
+        model = SeriesModel(
             config=config,
             params=tensors,
             step=float(meta["step"]),
@@ -153,5 +156,18 @@ def load_model_file(path: str | Path) -> SeriesModel:
             scale_stats=[(float(a), float(b)) for a, b in thr["scale_stats"]],
             extra=dict(meta.get("extra") or {}),
         )
+        _check_numbers(model)
+        return model
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"model file {path} is incompatible: {e}") from e
+
+
+def _check_numbers(m: SeriesModel) -> None:
+    """ValueError unless the model can score: finite numbers, positive scales and step."""
+    nums = [m.center, m.threshold_, m.baseline_] + [a for a, _ in m.scale_stats]
+    positive = [m.scale, m.step] + [b for _, b in m.scale_stats]
+    if not all(math.isfinite(x) for x in nums) or not all(math.isfinite(x) and x > 0 for x in positive):
+        raise ValueError("normalisation, threshold, scale_stats and step must be finite numbers "
+                         "(scales and step positive)")
+    if len(m.scale_stats) != len(m.config.score_scales):
+        raise ValueError(f"{len(m.scale_stats)} scale_stats for {len(m.config.score_scales)} score scales")

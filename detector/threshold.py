@@ -15,13 +15,15 @@ def fit_gpd_moments(peaks: np.ndarray) -> tuple[float, float]:
     believing so (gamma < 0) puts the threshold at the training maximum, where fresh data
     crosses it all the time. gamma = 0 is the exponential tail, the conservative middle.
     """
-    m = float(np.mean(peaks))
-    v = float(np.var(peaks))
+    top = float(np.max(peaks))
+    unit = top if 0 < top < np.inf else 1.0  # moments of peaks / unit cannot overflow
+    m = float(np.mean(peaks / unit))
+    v = float(np.var(peaks / unit))
     if not v > 0:
-        return 0.0, max(m, 1e-12)
+        return 0.0, max(m * unit, 1e-12)
     gamma = 0.5 * (1.0 - m * m / v)
     gamma = float(np.clip(gamma, 0.0, 0.45))
-    sigma = m * (1.0 - gamma)  # mean of a GPD is sigma / (1 - gamma)
+    sigma = m * (1.0 - gamma) * unit  # mean of a GPD is sigma / (1 - gamma)
     return gamma, max(sigma, 1e-12)
 
 
@@ -36,6 +38,7 @@ def spot_threshold(scores: np.ndarray, risk: float, init_quantile: float) -> tup
     s = s[np.isfinite(s)]
     if len(s) == 0:
         raise ValueError("no finite training scores to fit a threshold on")
+    s = np.clip(s, -1e150, 1e150)  # so quantile spreads and moments cannot overflow
     t = float(np.quantile(s, init_quantile))
     peaks = s[s > t] - t
     if len(peaks) >= MIN_PEAKS and np.ptp(peaks) > 0:
@@ -73,6 +76,7 @@ def scale_stats(raw: np.ndarray) -> list[tuple[float, float]]:
         if len(x) == 0:
             out.append((0.0, 1.0))
             continue
+        x = np.clip(x, -1e150, 1e150)  # so the spread and std cannot overflow
         med = float(np.median(x))
         spread = float(np.quantile(x, 0.99) - med)
         out.append((med, spread if spread > 1e-9 else max(float(np.std(x)), 1e-9)))
@@ -94,15 +98,15 @@ def smooth_scores(raw: np.ndarray, n: int) -> np.ndarray:
     """
     r = np.asarray(raw, dtype=np.float64)
     ok = np.isfinite(r)
-    if n <= 1:
+    if n <= 1 or len(r) == 0:
         return np.where(ok, r, np.nan)
-    c = np.concatenate([[0.0], np.cumsum(np.where(ok, r, 0.0))])
-    k = np.concatenate([[0], np.cumsum(ok)])
-    lo = np.maximum(np.arange(1, len(r) + 1) - n, 0)
-    hi = np.arange(1, len(r) + 1)
-    cnt = k[hi] - k[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (c[hi] - c[lo]) / np.maximum(cnt, 1)
+    # Windows of the last n points, not running sums: a huge score cannot overflow a sum or
+    # cancel out the precision of the scores after it.
+    pad = np.concatenate([np.zeros(n - 1), np.where(ok, r, 0.0)])
+    okp = np.concatenate([np.zeros(n - 1, dtype=bool), ok])
+    win = np.lib.stride_tricks.sliding_window_view(pad, n)  # (N, n)
+    cnt = np.lib.stride_tricks.sliding_window_view(okp, n).sum(1)  # (N,)
+    out = (win / np.maximum(cnt, 1)[:, None]).sum(1)
     out[~ok] = np.nan
     return out
 

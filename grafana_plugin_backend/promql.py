@@ -43,6 +43,9 @@ _AGG = ("sum", "avg", "min", "max", "count")
 _OVER_TIME = {"max_over_time": "max", "min_over_time": "min", "avg_over_time": "avg",
               "sum_over_time": "sum", "count_over_time": "count", "last_over_time": "last"}
 _LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_COMPLEXITY = 256  # operators plus nesting levels of one query (see complexity())
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_OPERATORS = re.compile(r"[-+*/%^<>]|[=!]=|\b(?:and|or|unless|atan2)\b", re.IGNORECASE)
 
 
 class QueryError(Exception):
@@ -59,10 +62,29 @@ def unsupported(what: str) -> QueryError:
     return QueryError("execution", f"{what} is not supported by promvae; supported: {SUPPORTED}")
 
 
+def complexity(query: str) -> int:
+    """Deepest bracket nesting plus the operators outside string literals: a bound on the
+    depth of the query's syntax tree, which the parser (native code) and the evaluator walk
+    recursively."""
+    text = _STRINGS.sub('""', query)
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return deepest + len(_OPERATORS.findall(text))
+
+
 def parse(query: str) -> pp.Expr:
     """The AST of `query`; QueryError(bad_data) with the parser's message if it is malformed."""
     if not query or not query.strip():
         raise QueryError("bad_data", "empty query: pass a PromQL expression in 'query'")
+    # A few thousand nested levels overflow the parser's stack and kill the process.
+    if complexity(query) > MAX_COMPLEXITY:
+        raise QueryError("bad_data", f"query too complex: more than {MAX_COMPLEXITY} operators "
+                         "and nesting levels")
     try:
         return pp.parse(query)
     except (ValueError, RuntimeError) as e:

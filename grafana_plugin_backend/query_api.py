@@ -33,6 +33,7 @@ from .promql import (
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 11_000  # per series, as Prometheus refuses more
+MAX_ABS_TIME = 9.2e15  # seconds: Prometheus' timestamps are int64 milliseconds
 API_VERSION = "2.53.0"  # the Prometheus HTTP API level answered (buildinfo "version")
 HELP = {
     "anomaly_score": "Anomaly score normalised by the learned threshold: 1.0 = at threshold, "
@@ -90,6 +91,9 @@ def parse_time(name: str, text: str | None, default: float | None = None) -> flo
                              "a valid timestamp (use unix seconds or RFC3339)") from None
     if not math.isfinite(t):
         raise QueryError("bad_data", f"invalid parameter {name!r}: {text!r} is not finite")
+    if abs(t) > MAX_ABS_TIME:
+        raise QueryError("bad_data", f"invalid parameter {name!r}: {text!r} is out of range "
+                         f"(at most {MAX_ABS_TIME:g} seconds from 1970)")
     return t
 
 

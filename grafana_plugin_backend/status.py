@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, render_template_string, request
@@ -66,6 +67,13 @@ def ready() -> tuple[Response, int]:
         return Response("promvae is Ready.\n", mimetype="text/plain"), 200
     return Response("promvae is not ready: loading or training the first models.\n",
                     mimetype="text/plain"), 503
+
+
+@bp.get("/api/v1/openapi.yaml")
+def openapi() -> Response:
+    """promvae's HTTP API as an OpenAPI 3.0 document (package data)."""
+    text = resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+    return Response(text, mimetype="application/yaml")
 
 
 @bp.get("/api/v1/status/models")
