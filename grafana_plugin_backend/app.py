@@ -128,7 +128,7 @@ def create_app(config: Config, *, service: Service | None = None,
     """
     if web_config is None and config.web_config_file:
         web_config = load_web_config(config.web_config_file)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: no /static route
     app.config["PROMVAE"] = config
     access.init_app(app, web_config, config.web_max_request_bytes)
     service = service or Service(config, **service_kwargs)

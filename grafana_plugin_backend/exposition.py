@@ -31,8 +31,8 @@ ANOMALY_METRICS = {
     "anomaly_upper": ("upper", "Upper edge of the expected band, in source units."),
     "anomaly_observed": ("observed", "The source value the score was computed on."),
 }
-POLL_ERROR_REASONS = ("connection", "timeout", "http", "bad_query", "bad_response", "auth",
-                      "score", "internal")
+POLL_ERROR_REASONS = ("connection", "timeout", "http", "http_5xx", "bad_query", "bad_response",
+                      "too_large", "auth", "score", "internal")
 TRAINING_ERROR_REASONS = ("insufficient_data", "fit", "batch", "history", "save", "load")
 DROP_REASONS = ("max_series", "duplicate_labels")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .config import PrometheusConfig, redact_url
@@ -37,6 +39,63 @@ class SourceError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ResponseTooLarge(requests.RequestException):
+    """An answer's body (decompressed) exceeded prometheus.max_response_bytes."""
+
+
+class ResponseDeadline(requests.Timeout):
+    """An answer's body was still arriving when the request's total time was up."""
+
+
+class _BoundedBody:
+    """A urllib3 response whose decoded body stops at `max_bytes` and at a deadline."""
+
+    def __init__(self, raw: object, max_bytes: int, deadline: float) -> None:
+        self._raw, self._max_bytes, self._deadline = raw, max_bytes, deadline
+
+    def stream(self, amt: int = 2**16, decode_content: bool | None = None):
+        """Like urllib3's stream(), but yields whatever has arrived (read1), so a body dripped
+        a byte at a time still meets the deadline check."""
+        raw, total = self._raw, 0
+        if raw.chunked and raw.supports_chunked_reads():
+            chunks = raw.read_chunked(amt, decode_content=decode_content)
+        else:
+            chunks = iter(lambda: raw.read1(amt, decode_content=decode_content), b"")
+        for chunk in chunks:
+            total += len(chunk)
+            if total > self._max_bytes:
+                raw.close()
+                raise ResponseTooLarge(f"answer larger than {self._max_bytes} bytes")
+            if time.monotonic() > self._deadline:
+                raw.close()
+                raise ResponseDeadline("answer still arriving when the timeout was up")
+            yield chunk
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._raw, name)
+
+
+class BoundedAdapter(HTTPAdapter):
+    """HTTPAdapter that refuses bodies over `max_bytes` (declared or read, after gzip) before
+    they are parsed, and gives the body `timeout` seconds after the headers (no slow drip)."""
+
+    def __init__(self, max_bytes: int, timeout: float, **kwargs: object) -> None:
+        self.max_bytes, self.total_timeout = max_bytes, timeout
+        super().__init__(**kwargs)
+
+    def build_response(self, req, resp):  # type: ignore[no-untyped-def]
+        declared = resp.headers.get("Content-Length", "")
+        encoded = resp.headers.get("Content-Encoding", "identity") not in ("", "identity")
+        if declared.isdigit() and not encoded and int(declared) > self.max_bytes:
+            resp.close()
+            raise ResponseTooLarge(f"answer of {declared} bytes is larger than "
+                                   f"{self.max_bytes} bytes")
+        response = super().build_response(req, resp)
+        response.raw = _BoundedBody(resp, self.max_bytes,
+                                    time.monotonic() + self.total_timeout)
+        return response
 
 
 class Source(Protocol):
@@ -67,12 +126,15 @@ def chunk_ranges(start: float, end: float, step: float,
 
 
 def parse_matrix(result: object) -> list[RangeSeries]:
-    """RangeSeries from a Prometheus `matrix` result; SourceError if it is not one."""
+    """RangeSeries from a Prometheus `matrix` result (consumed: each item is freed once
+    converted, so the JSON and the arrays never both peak); SourceError if it is not one."""
     if not isinstance(result, list):
         raise SourceError("bad_response", "query_range result is not a list")
     out = []
+    result.reverse()
     try:
-        for item in result:
+        while result:
+            item = result.pop()
             pairs = item.get("values") or []
             ts = np.fromiter((float(p[0]) for p in pairs), dtype=np.float64, count=len(pairs))
             vals = np.fromiter((float(p[1]) for p in pairs), dtype=np.float64, count=len(pairs))
@@ -85,6 +147,8 @@ def parse_matrix(result: object) -> list[RangeSeries]:
 
 def merge_chunks(parts: list[list[RangeSeries]]) -> list[RangeSeries]:
     """Join the per-chunk results of one query into one RangeSeries per label set."""
+    if len(parts) == 1:
+        return parts[0]  # one answer holds each label set once, in time order: nothing to join
     merged: dict[tuple, list[RangeSeries]] = {}
     for part in parts:
         for s in part:
@@ -121,6 +185,9 @@ class PrometheusSource:
         self._client = PrometheusConnect(url=cfg.url.rstrip("/"), headers=dict(cfg.headers),
                                          retry=retry, auth=auth, session=session,
                                          timeout=cfg.timeout, method=cfg.method.upper())
+        # replaces the client's plain adapter: bounded body size and total request time
+        session.mount(self._client.url, BoundedAdapter(cfg.max_response_bytes, cfg.timeout,
+                                                       max_retries=retry))
 
     def describe(self) -> str:
         return f"prometheus {redact_url(self._cfg.url)}"
@@ -139,9 +206,20 @@ class PrometheusSource:
         self._client.headers = {**self._cfg.headers, "Authorization": f"Bearer {token}"}
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
+        """Chunked under max_points; a chunk refused as too large is retried in halves, and
+        the smaller size is kept for the rest of the range (at most log2(max_points) refusals)."""
         parts = []
-        for s, e in chunk_ranges(start, end, step, self._max_points):
-            parts.append(self._query_chunk(expr, s, e, step))
+        pending = chunk_ranges(start, end, step, self._max_points)
+        while pending:
+            s, e = pending.pop(0)
+            try:
+                parts.append(self._query_chunk(expr, s, e, step))
+            except SourceError as err:
+                n = math.floor((e - s) / step + 1e-9) + 1
+                if err.reason != "too_large" or n < 2:
+                    raise
+                log.info("answer for %d points per series too large; asking for %d", n, n // 2)
+                pending = chunk_ranges(s, end, step, n // 2)
         return merge_chunks(parts)
 
     def _query_chunk(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
@@ -152,6 +230,9 @@ class PrometheusSource:
             result = self._client.custom_query_range(expr, t0, t1, f"{step:g}")
         except requests.JSONDecodeError as e:
             raise SourceError("bad_response", f"Prometheus answered with bad JSON: {e}") from None
+        except ResponseTooLarge as e:
+            raise SourceError("too_large", f"Prometheus {e} (prometheus.max_response_bytes); "
+                                           "refused before parsing") from None
         except requests.Timeout as e:
             raise SourceError("timeout", f"Prometheus timed out: {type(e).__name__}") from None
         except requests.ConnectionError as e:
@@ -159,6 +240,8 @@ class PrometheusSource:
                 raise SourceError("timeout", "Prometheus timed out") from None
             raise SourceError("connection",
                               f"cannot reach Prometheus at {redact_url(self._cfg.url)}") from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise SourceError("connection", "connection to Prometheus broke mid-answer") from None
         except requests.RequestException as e:
             raise SourceError("http", f"request to Prometheus failed: {type(e).__name__}") from None
         except PrometheusApiClientException as e:
@@ -171,5 +254,12 @@ class PrometheusSource:
 def _http_error(message: str) -> SourceError:
     """SourceError for a non-200 answer, naming the status; 400/422 mean the query is bad."""
     code = message.split("HTTP Status Code ", 1)[-1].split(" ", 1)[0]
-    reason = "bad_query" if code in ("400", "422") else "http"
+    if code in ("400", "422"):
+        reason = "bad_query"
+    elif code in ("401", "403"):
+        reason = "auth"
+    elif code.startswith("5"):
+        reason = "http_5xx"
+    else:
+        reason = "http"
     return SourceError(reason, f"Prometheus answered HTTP {code}: {message[:300]}")

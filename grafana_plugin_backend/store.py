@@ -33,7 +33,8 @@ class ModelStore:
         self.index_path = self.root / "index.json"
 
     def prepare(self) -> None:
-        """Create the storage directories; OSError with a sentence if that is impossible."""
+        """Create the storage directories and remove temp files a crash left behind;
+        OSError with a sentence if the storage path is not writable."""
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe."):
@@ -41,6 +42,15 @@ class ModelStore:
         except OSError as e:
             raise OSError(e.errno, f"storage path {self.root} is not writable: "
                                    f"{e.strerror or e}") from e
+        leftovers = [*self.models_dir.glob(".*.tmp"), *self.root.glob(".index.*.tmp"),
+                     *self.root.glob(".probe.*")]
+        for path in leftovers:
+            try:
+                path.unlink()
+            except OSError as e:
+                log.warning("could not remove leftover temp file %s: %s", path, e.strerror)
+        if leftovers:
+            log.info("removed %d temp files left by an interrupted write", len(leftovers))
 
     def save(self, sid: str, model: Any) -> None:
         save_model(model, self.models_dir, sid)
@@ -72,7 +82,7 @@ class ModelStore:
         return data
 
     def write_index(self, data: dict[str, Any]) -> None:
-        """Write the index atomically (temp file, fsync, rename)."""
+        """Write the index atomically (temp file, fsync, rename, directory fsync)."""
         blob = json.dumps({"format": INDEX_FORMAT, **data}, separators=(",", ":"))
         fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.root)
         try:
@@ -87,6 +97,19 @@ class ModelStore:
             except OSError:
                 pass
             raise
+        _fsync_dir(self.root)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def index_of(registry: Registry) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def test_tls_options_reach_the_session(tmp_path):
     assert insecure._client._session.verify is False
 
 
-@pytest.mark.parametrize("mode,reason", [("500", "http"), ("400", "bad_query"),
+@pytest.mark.parametrize("mode,reason", [("500", "http_5xx"), ("400", "bad_query"),
                                          ("badjson", "bad_response")])
 def test_errors_map_to_reasons(fake_prom, mode, reason):
     fake_prom.mode = mode
