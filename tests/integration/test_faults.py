@@ -1,0 +1,294 @@
+"""Prometheus misbehaving behind a fault proxy: promvae keeps its last state, counts, recovers.
+
+One stack for the module: a real Prometheus (an hour of backfilled history at the 2 s step plus
+a live exporter), tests/faultproxy.py in front of it, and `promvae serve` as a subprocess
+pointed at the proxy with a 1 s timeout and one retry. Each test switches the proxy to one
+fault, waits until promvae counts it under its reason, checks that /metrics still serves the
+last scores, switches back to pass-through and waits until polling and scoring move on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.faultproxy import FaultProxy
+from tests.promstack import (
+    LiveExporter,
+    PrometheusProcess,
+    backfill,
+    free_port,
+    wait_until,
+    write_openmetrics,
+)
+
+pytestmark = pytest.mark.integration
+
+STEP = 2.0
+METRIC = "fault_value"
+MAX_SERIES = 10
+MAX_RESPONSE_BYTES = 32 * 2**20  # the 100,000-series answer (~8 MB) fits, 600,000 do not
+TIMEOUT = 1.0
+MODEL = {"hidden": [8], "latent": 2, "max_steps": 30, "max_epochs": 3, "mc_samples": 2,
+         "score_scales": [8], "batch_size": 32}
+SERIES = {name: {"instance": name, "job": "app"} for name in ("a", "b", "c")}
+
+
+def value(name: str, t: np.ndarray) -> np.ndarray:
+    level = {"a": 100.0, "b": 50.0, "c": 7.0}[name]
+    return level * (1 + 0.1 * np.sin(2 * np.pi * np.asarray(t) / 600.0))
+
+
+class Promvae:
+    """`promvae serve` as a child process, read through /metrics and the status API."""
+
+    def __init__(self, workdir: Path, prometheus_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.storage = workdir / "promvae-data"
+        self.log = workdir / "promvae.log"
+        self.config = workdir / "promvae.yml"
+        self.config.write_text(yaml.safe_dump({
+            "prometheus": {"url": prometheus_url, "timeout": f"{TIMEOUT:g}s", "retries": 1,
+                           "max_response_bytes": MAX_RESPONSE_BYTES},
+            "step": f"{STEP:g}s", "history": "1h", "window": 16, "poll_every": "1s",
+            "retrain_every": "24h", "series_ttl": "30s", "max_series": MAX_SERIES,
+            "torch_threads": 1, "queries": [{"name": "app", "expr": METRIC}], "model": MODEL,
+        }))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
+                 "--config.file", str(self.config), "--storage.path", str(self.storage),
+                 "--web.listen-address", f"127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def get(self, path: str) -> requests.Response:
+        assert self.alive(), self.log.read_text()[-3000:]
+        return requests.get(f"{self.url}{path}", timeout=10)
+
+    def families(self) -> dict:
+        text = self.get("/metrics").text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of a metric family (counters by their family name) matching labels."""
+        fam = self.families().get(name.removesuffix("_total"))
+        if fam is None:
+            return 0.0
+        return sum(s.value for s in fam.samples if not s.name.endswith("_created")
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def scores(self) -> dict[str, float]:
+        fam = self.families().get("anomaly_score")
+        return {s.labels.get("instance", ""): s.value for s in fam.samples} if fam else {}
+
+    def models(self) -> list[dict]:
+        return self.get("/api/v1/status/models").json()["data"]
+
+    def scored_to(self, instance: str) -> float:
+        for m in self.models():
+            if m["labels"].get("instance") == instance:
+                return m["scored_to"] or -math.inf
+        return -math.inf
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+
+class PeakRss:
+    """Samples a process' RSS every 50 ms in a thread; `peak` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self._proc = psutil.Process(pid)
+        self.start = self.peak = self._proc.memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            try:
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def stop(self) -> float:
+        """Stop sampling; the peak growth over the start, in MiB."""
+        self._done.set()
+        self._thread.join(5)
+        return (self.peak - self.start) / 2**20
+
+
+class Stack:
+    def __init__(self, proxy: FaultProxy, promvae: Promvae) -> None:
+        self.proxy, self.promvae = proxy, promvae
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[Stack]:
+    wd = tmp_path_factory.mktemp("faults")
+    end = math.floor((time.time() - 5) / STEP) * STEP
+    ts = np.arange(end - 3600, end + STEP / 2, STEP)
+    write_openmetrics(wd / "history.om",
+                      [(METRIC, labels, ts, value(n, ts)) for n, labels in SERIES.items()])
+    backfill(wd / "history.om", wd / "prom-data")
+    exporter = LiveExporter()
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            now = np.array([time.time()])
+            for n, labels in SERIES.items():
+                exporter.set(METRIC, labels, float(value(n, now)[0]))
+            stop.wait(0.5)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    prom = PrometheusProcess(wd / "prometheus", [exporter.scrape_config("live")],
+                             data_dir=wd / "prom-data")
+    proxy: FaultProxy | None = None
+    promvae: Promvae | None = None
+    try:
+        prom.start()
+        prom.wait_for_target_up("live", timeout=30)
+        proxy = FaultProxy(prom.url, slow_seconds=3 * TIMEOUT)
+        promvae = Promvae(wd, proxy.url)
+        promvae.start()
+        wait_until(lambda: promvae.get("/-/ready").status_code == 200, timeout=120,
+                   description="promvae ready", ignore_exceptions=(requests.RequestException,))
+        wait_until(lambda: set(promvae.scores()) >= set(SERIES), timeout=60,
+                   description="every series scored")
+        yield Stack(proxy, promvae)
+    finally:
+        stop.set()
+        code = promvae.stop() if promvae is not None else None
+        if proxy is not None:
+            proxy.stop()
+        prom.stop()
+        exporter.stop()
+        if code not in (0, None) and promvae is not None:
+            print(promvae.log.read_text()[-5000:])
+
+
+def recovers(pv: Promvae, since: float, scored: float) -> None:
+    """Wait until a poll after `since` succeeded and series a was scored past `scored`."""
+    wait_until(lambda: pv.value("promvae_last_successful_poll_timestamp_seconds") > since,
+               timeout=30, description="a successful poll after the fault")
+    wait_until(lambda: pv.scored_to("a") > scored, timeout=30, description="scores move on")
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("500", "http_5xx"),
+    ("503", "http_5xx"),
+    ("truncate", "bad_response"),
+    ("slow", "timeout"),
+    ("reset", "connection"),
+])
+def test_fault_is_counted_last_state_served_and_recovered(stack, mode, reason):
+    pv, proxy = stack.promvae, stack.proxy
+    before = pv.value("promvae_poll_errors_total", reason=reason)
+    others = pv.value("promvae_poll_errors_total") - before
+    scored = pv.scored_to("a")
+    proxy.mode = mode
+    try:
+        wait_until(lambda: pv.value("promvae_poll_errors_total", reason=reason) >= before + 2,
+                   timeout=30, description=f"{mode}: two polls counted as {reason}")
+        assert proxy.count(mode) >= 2
+        assert set(pv.scores()) >= set(SERIES)  # the last state is still exposed
+        assert pv.get("/-/ready").status_code == 200
+        # counted under its own reason only (the trainer's pulls are training errors)
+        assert pv.value("promvae_poll_errors_total") - pv.value(
+            "promvae_poll_errors_total", reason=reason) == others
+    finally:
+        proxy.mode = "pass"
+    recovers(pv, time.time(), scored)
+
+
+def test_100k_series_answer_is_capped_counted_and_memory_stays_bounded(stack):
+    pv, proxy = stack.promvae, stack.proxy
+    rss = PeakRss(pv.proc.pid)
+    scored = pv.scored_to("a")
+    dropped0 = pv.value("promvae_series_dropped_total", reason="max_series")
+    proxy.mode = "many_series"
+    sizes = []
+    try:
+        for polls in (1, 2, 4):  # the same huge answer again and again: no growth per answer
+            wait_until(lambda n=polls: proxy.count("many_series") >= n, timeout=60,
+                       description=f"{polls} huge answers served")
+            sizes.append(len(pv.models()))
+            assert sizes[-1] <= MAX_SERIES
+            assert set(pv.scores()) >= set(SERIES)
+        wait_until(lambda: pv.value("promvae_series_dropped_total", reason="max_series")
+                   >= dropped0 + proxy.many_series - MAX_SERIES, timeout=60,
+                   description="extra series counted as dropped")
+        rss_mid = pv.rss()
+    finally:
+        proxy.mode = "pass"
+    recovers(pv, time.time(), scored)
+    growth_mb = rss.stop()
+    models = pv.models()
+    assert len(models) <= MAX_SERIES
+    assert sum(pv.value("promvae_models", state=s) for s in
+               ("pending", "ready", "insufficient_data", "failed")) <= MAX_SERIES
+    print(f"RSS before {rss.start / 2**20:.0f} MiB, peak +{growth_mb:.0f} MiB, "
+          f"after 4 answers {rss_mid / 2**20:.0f} MiB")
+    # parsing an 8 MB answer of 100,000 series (poller and trainer at once) peaked at about
+    # +250 MiB here; a leak per answer or state kept per dropped series would pass this
+    assert growth_mb < 640, f"RSS grew by {growth_mb:.0f} MiB"
+    assert pv.value("promvae_poll_errors_total", reason="internal") == 0
+
+
+def test_answer_over_max_response_bytes_is_refused_before_parsing(stack):
+    pv, proxy = stack.promvae, stack.proxy
+    before = pv.value("promvae_poll_errors_total", reason="too_large")
+    scored = pv.scored_to("a")
+    rss = PeakRss(pv.proc.pid)
+    proxy.many_series = 600_000  # about 45 MB of JSON, over the 32 MiB limit
+    proxy.mode = "many_series"
+    try:
+        wait_until(lambda: pv.value("promvae_poll_errors_total", reason="too_large")
+                   >= before + 2, timeout=60, description="two answers refused as too_large")
+        assert set(pv.scores()) >= set(SERIES)
+        assert len(pv.models()) <= MAX_SERIES
+    finally:
+        proxy.mode = "pass"
+        proxy.many_series = 100_000
+    recovers(pv, time.time(), scored)
+    growth_mb = rss.stop()
+    print(f"RSS peak growth while refusing: {growth_mb:.0f} MiB")
+    assert growth_mb < 128, f"RSS grew by {growth_mb:.0f} MiB: the answer was parsed"
+    assert "prometheus.max_response_bytes" in pv.log.read_text()
