@@ -144,7 +144,11 @@ class Poller:
                 if s.state != READY or s.model is None or not len(s.buf_ts):
                     continue
                 if math.isfinite(s.scored_to):
-                    i = int(np.searchsorted(s.buf_ts, s.scored_to, side="right"))
+                    # A model loaded at restart, nothing exposed yet: score the newest scored
+                    # point again, so /metrics has scores now rather than one step later.
+                    again = s.model_origin == "loaded" and not len(s.recent.get("timestamp", ()))
+                    side = "left" if again else "right"
+                    i = int(np.searchsorted(s.buf_ts, s.scored_to, side=side))
                 else:
                     i = len(s.buf_ts) - 1
                 if i >= len(s.buf_ts):

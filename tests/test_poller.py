@@ -123,12 +123,28 @@ def test_restart_recovers_position_and_scores_missed_points(tmp_path):
     rig.source.set("metric_a", {"instance": "a"}, lambda t: (t - T0) / 60)
     s = rig.registry.restore("q", {"instance": "a"}, scored_to=T0 - 600, last_present=T0 - 600)
     s.model, s.state = FakeModel(rig.vae, 60.0, T0 - 3600, T0 - 3600), READY
+    s.model_origin = "loaded"
     rig.registry.positions["q"] = T0 - 600
     rig.poller.poll_once()
     _, start, _, _ = rig.source.calls[-1]
     assert start == T0 - 600 - rig.lead_in * 60  # lead-in for the first missed point
-    assert list(s.recent["timestamp"]) == [T0 - 600 + 60 * k for k in range(1, 11)]
+    # The missed points, and the last one scored before the restart (nothing was exposed).
+    assert list(s.recent["timestamp"]) == [T0 - 600 + 60 * k for k in range(11)]
     assert np.all(np.isfinite(s.recent["score"]))
+
+
+def test_a_restart_within_the_step_exposes_scores_at_once(tmp_path):
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, level(4.0))
+    s = rig.registry.restore("q", {"instance": "a"}, scored_to=T0, last_present=T0)
+    s.model, s.state = FakeModel(rig.vae, 60.0, T0 - 3600, T0 - 3600), READY
+    s.model_origin = "loaded"
+    rig.registry.positions["q"] = T0
+    rig.poller.poll_once()  # no new point since the restart
+    assert list(s.recent["timestamp"]) == [T0] and s.recent["score"][0] == 0.4
+    rig.poller.poll_once()
+    assert list(s.recent["timestamp"]) == [T0]  # scored once more, not again and again
+    assert rig.score_calls == [1]
 
 
 def test_catch_up_is_bounded_by_max_catchup(tmp_path):
