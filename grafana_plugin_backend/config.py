@@ -114,13 +114,16 @@ class Config:
     series_ttl: float = 900.0          # a series absent this long leaves /metrics
     model_retention: float = 7 * 86400.0  # a vanished series' model stays on disk this long
     max_catchup: float = 86400.0       # after downtime, score at most this much missed data
-    keep_scores: float = 3600.0        # recent scored points kept per series (status API)
+    # Scored points kept per series: the query API serves them without rescoring, so the
+    # dashboards' default 6h range costs no on-demand scoring (20 KB per series).
+    keep_scores: float = 6 * 3600.0
     poll_delay: float = 0.0            # poll up to now - poll_delay (late-arriving samples)
     torch_threads: int = 1             # CPU threads per torch op; 1 keeps scoring responsive
     query_max_series: int = 1000       # anomaly_* series one query may select
     query_max_score_points: int = 2_000_000  # points one query may score on demand (series x range)
     query_cache_values: int = 4_000_000  # scored values kept for repeated queries (8 bytes each)
     query_timeout: float = 120.0       # a query running longer is cancelled (Prometheus' default)
+    query_max_concurrency: int = 4     # query API requests evaluated at once; others wait
     storage_path: str = "data"
     listen_address: str = ":8080"
     web_config_file: str = ""          # exporter-toolkit web config: TLS and basic auth users
@@ -132,6 +135,12 @@ class Config:
     def demo(self) -> bool:
         """True when no Prometheus is configured: the built-in demo source is used."""
         return not self.prometheus.url
+
+    @property
+    def keep_points(self) -> int:
+        """Scored points kept per series: keep_scores, plus 10 so that a range of exactly
+        keep_scores (whose first step looks a little further back) is covered too."""
+        return max(1, int(self.keep_scores // self.step)) + 10
 
     def vae_config(self) -> Any:
         """The detector's VAEConfig: `model:` overrides plus the top-level window.
@@ -337,7 +346,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append("torch_threads: must be 0 (torch's default) or a positive count")
     if cfg.max_series < 1:
         errors.append("max_series: must be at least 1")
-    for key in ("query_max_series", "query_max_score_points"):
+    for key in ("query_max_series", "query_max_score_points", "query_max_concurrency"):
         if getattr(cfg, key) < 1:
             errors.append(f"{key}: must be at least 1")
     if cfg.query_cache_values < 0:

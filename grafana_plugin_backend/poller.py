@@ -39,7 +39,7 @@ class Poller:
         self.registry, self.metrics = registry, metrics
         self.step = cfg.step
         self.lead_in = lead_in_points(vae_config)
-        self.keep_scores = max(1, int(cfg.keep_scores // cfg.step))
+        self.keep_scores = cfg.keep_points
         self.max_buffer = self.lead_in + int(cfg.max_catchup // cfg.step) + 1
         self.clock, self.score_fn = clock, score_fn
         self.persist, self.on_new_series = persist, on_new_series

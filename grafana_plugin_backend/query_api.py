@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -54,6 +55,10 @@ class QueryAPI:
     def __init__(self, service: Any, **scorer_kwargs: Any) -> None:
         self.service = service
         self.scorer = OnDemandScorer(service, **scorer_kwargs)
+        # Queries beyond the limit wait in their own server thread (as Prometheus'
+        # --query.max-concurrency does), leaving the CPU to the ones running.
+        self.max_concurrency = service.cfg.query_max_concurrency
+        self.slots = threading.BoundedSemaphore(self.max_concurrency)
         errors = getattr(service, "query_errors", None)  # one per registry, even for two apps
         if errors is None:
             errors = Counter("promvae_query_errors_total",
@@ -178,11 +183,24 @@ def _query_text() -> str:
     return q
 
 
+def _evaluate(text: str, times: np.ndarray, step: float) -> Any:
+    """promql.evaluate in one of the query_max_concurrency slots."""
+    api = _api()
+    if not api.slots.acquire(timeout=api.scorer.timeout):
+        raise QueryError("timeout", f"query timed out waiting for one of the "
+                         f"{api.max_concurrency} query slots (query_max_concurrency); "
+                         "other queries are running")
+    try:
+        return evaluate(api.scorer.session(), text, times, step, _max_series())
+    finally:
+        api.slots.release()
+
+
 @bp.route("/api/v1/query", methods=["GET", "POST"])
 def query() -> Response:
     text = _query_text()
     t = parse_time("time", request.values.get("time"), _now())
-    value = evaluate(_api().scorer.session(), text, np.array([t]), 0.0, _max_series())
+    value = _evaluate(text, np.array([t]), 0.0)
     if isinstance(value, Matrix):
         result = [{"metric": lab, "values": [[fmt_time(a), fmt_value(b)] for a, b in zip(ts, vs)]}
                   for lab, ts, vs in value.series]
@@ -209,7 +227,7 @@ def query_range() -> Response:
                          f"timeseries ({points} asked). Try decreasing the query resolution "
                          "(?step=XX)")
     times = start + step * np.arange(points)
-    value = evaluate(_api().scorer.session(), text, times, step, _max_series())
+    value = _evaluate(text, times, step)
     if isinstance(value, Matrix):
         raise QueryError("bad_data", "invalid expression type \"range vector\" for range query, "
                          "must be Scalar or instant Vector")

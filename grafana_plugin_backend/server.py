@@ -20,7 +20,11 @@ from .webconfig import TLSServerConfig, WebConfig
 
 log = logging.getLogger(__name__)
 
-THREADS = 8  # one process (the state lives in it), a few threads for scrapes and API calls
+# One process (the state lives in it). Threads are cheap and mostly wait: heavy query API
+# requests beyond query_max_concurrency wait for a slot in their own thread, so enough
+# threads must stay free for /metrics scrapes and probes (with 8, a burst of dashboard
+# queries held scrapes for seconds in benchmarks/load.py).
+THREADS = 48
 STOP_TIMEOUT = 120.0  # seconds to wait for a running save to finish on shutdown
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers; cheroot answers 414/413 above it
 LISTEN_BACKLOG = 128  # cheroot's default of 5 drops connections when scrapes and panels burst

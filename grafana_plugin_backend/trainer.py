@@ -30,7 +30,6 @@ from .store import ModelStore, collect_garbage
 
 log = logging.getLogger(__name__)
 
-INITIAL_SCORE_POINTS = 60  # after a first training, score this much of the history's tail at once
 PROGRESS_EVERY = 5.0  # seconds between progress log lines
 
 
@@ -54,6 +53,9 @@ class Trainer:
         self.step = cfg.step
         self.lead_in = lead_in_points(vae_config)
         self.min_points = min_train_points(vae_config)
+        # After a first training the poller scores this much of the history's tail at once, so
+        # /metrics and the query API's live buffer cover `keep_scores` without on-demand work.
+        self.initial_points = cfg.keep_points
         self.retry_after = min(cfg.retrain_every, 3600.0)  # failed series: next attempt
         self.stop_event = threading.Event()
         self._wake = threading.Event()
@@ -240,9 +242,9 @@ class Trainer:
             s.stored = s.stored or stored
             s.last_error = ""
             if first and not math.isfinite(s.scored_to):
-                tail = self.lead_in + INITIAL_SCORE_POINTS
+                tail = self.lead_in + self.initial_points
                 s.add_points(ser.timestamps[-tail:], ser.values[-tail:], overwrite=False)
-                s.scored_to = float(ser.timestamps[-1]) - INITIAL_SCORE_POINTS * self.step
+                s.scored_to = float(ser.timestamps[-1]) - self.initial_points * self.step
 
     def _progress(self, started: float) -> Callable[[int, int], None]:
         last = [0.0]

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.nab import (  # noqa: E402
+from benchmarks.nab import (
     best_event_f1,
     best_point_f1,
     count_runs,

@@ -40,7 +40,7 @@ def world(tmp_path):
     source = FakeSource(clock, start=T0 - 24 * HOUR)
     source.set("metric_a", A, level_a)
     source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, keep_scores="1h")  # SPIKE lies before the live buffer
     svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
                   score_fn=fake_score_many)
     app = create_app(cfg, service=svc)
@@ -386,7 +386,7 @@ def _world_with(tmp_path, **overrides):
     source = FakeSource(clock, start=T0 - 24 * HOUR)
     source.set("metric_a", A, level_a)
     source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
-    cfg = make_config(tmp_path, **overrides)
+    cfg = make_config(tmp_path, **{"keep_scores": "1h", **overrides})
     svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
                   score_fn=fake_score_many)
     app = create_app(cfg, service=svc)
@@ -470,3 +470,29 @@ def test_a_vanished_series_stays_queryable_for_past_ranges(tmp_path):
     data = ok(client.get("/api/v1/query_range", query_string={
         "query": 'anomaly_score{instance="a"}', "start": SPIKE, "end": SPIKE + 120, "step": 60}))
     assert data["result"] == []
+
+
+def test_queries_beyond_the_concurrency_limit_wait_then_time_out(tmp_path):
+    app, _svc, _ = _world_with(tmp_path, query_max_concurrency=1, query_timeout="50ms")
+    api = app.extensions["promvae_query"]
+    client = app.test_client()
+    assert ok(client.get("/api/v1/query", query_string={"query": "1+1"}))["result"][1] == "2"
+    api.slots.acquire()  # one query running: the next one waits for its slot, then gives up
+    try:
+        msg = error(client.get("/api/v1/query", query_string={"query": "1+1"}), 503, "timeout")
+    finally:
+        api.slots.release()
+    assert "query_max_concurrency" in msg
+    assert ok(client.get("/api/v1/query", query_string={"query": "1+1"}))["result"][1] == "2"
+
+
+def test_the_dashboards_default_6h_range_is_served_from_the_live_buffer(tmp_path):
+    app, _, source = _world_with(tmp_path, keep_scores="6h")  # the default
+    calls, passes = len(source.calls), app.extensions["promvae_query"].scorer.passes
+    data = ok(app.test_client().get("/api/v1/query_range", query_string={
+        "query": 'anomaly_score{instance="a"}', "start": T0 - 6 * HOUR, "end": T0, "step": 60}))
+    (row,) = data["result"]
+    assert len(row["values"]) == 361  # every point, scored after the first training
+    assert max(float(v) for _, v in row["values"]) == 2.5  # the spike, 5 h ago
+    assert len(source.calls) == calls  # no on-demand pull
+    assert app.extensions["promvae_query"].scorer.passes == passes

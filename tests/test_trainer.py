@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from detector import InsufficientDataError, lead_in_points, min_train_points
 from grafana_plugin_backend.exposition import SelfMetrics
 from grafana_plugin_backend.state import FAILED, INSUFFICIENT, PENDING, READY, Registry
-from grafana_plugin_backend.trainer import INITIAL_SCORE_POINTS, Trainer
+from grafana_plugin_backend.trainer import Trainer
 from tests.service_fixtures import (
     T0,
     FakeClock,
@@ -63,8 +63,9 @@ def test_all_new_series_train_in_one_batch_and_get_lead_in(tmp_path, caplog):
     assert "trained 3/3 series" in caplog.text
     for s in rig.registry.all():
         assert s.state == READY and s.model_origin == "trained" and s.id in rig.store.models
-        assert s.scored_to == T0 - INITIAL_SCORE_POINTS * 60  # the newest hour gets scored
-        assert len(s.buf_ts) == lead_in_points(rig.vae) + INITIAL_SCORE_POINTS
+        keep = rig.cfg.keep_points  # the newest keep_scores get scored
+        assert s.scored_to == T0 - keep * 60
+        assert len(s.buf_ts) == lead_in_points(rig.vae) + keep
     _, start, end, _ = rig.source.calls[0]
     assert end == T0 and start == T0 - 12 * 3600 + 60  # `history` of data, grid-aligned
     assert rig.sample("promvae_models_trained_total") == 3

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from detector.series import regularize, robust_stats, sliding_windows, time_features, normalise
+from detector.series import normalise, regularize, robust_stats, sliding_windows, time_features
 
 
 def test_regularize_sorts_dedups_and_marks_gaps():
