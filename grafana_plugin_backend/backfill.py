@@ -37,7 +37,7 @@ import numpy as np
 
 from detector import ModelFileError, lead_in_points, regularize, score_many
 
-from .promclient import SourceError
+from .promclient import SourceError, only_series
 from .promql import ALL_METRICS, LabelMatcher, QueryError, grid_start, matches_all
 from .state import READY, RESULT_FIELDS, SeriesState, exposed_labels, series_id
 
@@ -51,6 +51,9 @@ SETTLE = 300.0  # seconds after which a chunk's source data is taken as final
 # past its deadline stops soon (and memory per call stays bounded).
 SCORE_BATCH = 16
 GONE_MODELS = 64  # models of vanished series kept loaded (about 240 KB each)
+# On-demand pulls for at most this many series of a query ask Prometheus for just those
+# (only_series); more, and the whole query is pulled (the narrowing expression grows per series).
+NARROW_MAX = 32
 
 
 Chunk = tuple[dict[str, np.ndarray], float]  # ({field: (C,)}, valid up to this time)
@@ -267,6 +270,9 @@ class OnDemandScorer:
                 if expr is None:
                     continue
                 self._check(deadline, "reading the source series")
+                if (getattr(self.svc.source, "narrowable", False) and len(members) <= NARROW_MAX
+                        and len(members) < len(self.svc.registry.of_query(name))):
+                    expr = only_series(expr, [s.labels for s, _ in members])
                 try:
                     found = self.svc.source.query_range(expr, pull_from, hi, step)
                 except SourceError as e:

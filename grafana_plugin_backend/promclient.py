@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,8 +164,31 @@ def merge_chunks(parts: list[list[RangeSeries]]) -> list[RangeSeries]:
     return out
 
 
+def only_series(expr: str, labelsets: Sequence[Mapping[str, str]]) -> str:
+    """`expr` restricted to the series with these label sets (``__name__`` aside).
+
+    PromQL has no filter on an expression's result labels, so the wanted label sets are built
+    with label_replace on vector(1) and joined with `and on(...)`; Prometheus then sends only
+    those series (an on-demand query for one series of a 1,000-series query pulls one).
+    Series that differ only in ``__name__`` both pass: callers match results by labels.
+    """
+    names = sorted({k for lab in labelsets for k in lab if k != "__name__"})
+    wanted = []
+    for lab in labelsets:
+        v = "vector(1)"
+        for k in names:
+            if lab.get(k):  # an absent label is the empty value, which vector(1) already has
+                # `$` would expand regex groups in the replacement; `$$` is a literal `$`.
+                value = json.dumps(lab[k].replace("$", "$$"), ensure_ascii=False)
+                v = f'label_replace({v}, "{k}", {value}, "", "")'
+        wanted.append(v)
+    return f"({expr}) and on({', '.join(names)}) ({' or '.join(wanted)})"
+
+
 class PrometheusSource:
     """Range queries against one Prometheus, with auth, TLS, timeouts and bounded retries."""
+
+    narrowable = True  # expressions are PromQL: only_series() may restrict them
 
     def __init__(self, cfg: PrometheusConfig, max_points: int = MAX_POINTS) -> None:
         self._cfg = cfg

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grafana_plugin_backend.config import BasicAuth, PrometheusConfig
@@ -212,3 +212,21 @@ def test_credentials_in_the_url_stay_out_of_messages():
     with pytest.raises(SourceError) as info:
         src.query_range("m", 0, 60, 60)
     assert "hunter2" not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
+# ---- only_series --------------------------------------------------------------------------
+
+_label_names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,8}", fullmatch=True).filter(
+    lambda n: n != "__name__")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(_label_names, st.text(max_size=12), max_size=4), min_size=1,
+                max_size=5))
+def test_only_series_always_builds_valid_promql(labelsets):
+    import promql_parser
+
+    from grafana_plugin_backend.promclient import only_series
+
+    text = only_series('sum by (instance) (rate(x{job="a"}[5m]))', labelsets)
+    promql_parser.parse(text)  # raises on invalid PromQL

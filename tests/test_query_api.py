@@ -496,3 +496,34 @@ def test_the_dashboards_default_6h_range_is_served_from_the_live_buffer(tmp_path
     assert max(float(v) for _, v in row["values"]) == 2.5  # the spike, 5 h ago
     assert len(source.calls) == calls  # no on-demand pull
     assert app.extensions["promvae_query"].scorer.passes == passes
+
+
+def test_an_on_demand_pull_for_one_series_asks_prometheus_for_that_series_only(world):
+    import re
+
+    app, _, source, _ = world
+    base = type(source).query_range
+
+    def narrowed(expr, start, end, step):  # what Prometheus would do with only_series()
+        m = re.fullmatch(r"\((.*)\) and on\((.*?)\) \((.*)\)", expr)
+        if m is None:
+            return base(source, expr, start, end, step)
+        names = m.group(2).split(", ")
+        wanted = [{k: "" for k in names} | dict(re.findall(r'"(\w+)", "([^"]*)"', part))
+                  for part in m.group(3).split(" or ")]
+        found = base(source, m.group(1), start, end, step)
+        source.calls[-1] = (expr, start, end, step)
+        return [rs for rs in found if {k: rs.labels.get(k, "") for k in names} in wanted]
+
+    source.narrowable = True
+    source.query_range = narrowed
+    data = ok(app.test_client().get("/api/v1/query_range", query_string={
+        "query": 'anomaly_score{instance="a"}', "start": SPIKE, "end": SPIKE + 120, "step": 60}))
+    assert [float(v) for _, v in data["result"][0]["values"]] == [2.5, 2.5, 2.5]
+    expr = source.calls[-1][0]
+    assert expr.startswith("(metric_a) and on(instance, job) (")
+    assert '"instance", "a"' in expr and '"instance", "b"' not in expr
+    # Both series wanted: the plain query, no narrowing.
+    ok(app.test_client().get("/api/v1/query_range", query_string={
+        "query": "anomaly_score", "start": SPIKE - 7200, "end": SPIKE - 3600, "step": 60}))
+    assert source.calls[-1][0] == "metric_a"
