@@ -1,8 +1,10 @@
-"""Real Prometheus / Alertmanager processes for integration tests (no mocks).
+"""Real Prometheus / Alertmanager / promvae processes for integration tests (no mocks).
 
 Everything here runs the Debian binaries (`/usr/bin/prometheus`, `/usr/bin/promtool`,
-`/usr/bin/prometheus-alertmanager`) on loopback ports, in a caller-supplied work directory, so
-several stacks can run side by side and every log ends up next to the test's tmp files.
+`/usr/bin/prometheus-alertmanager`) or `promvae serve` on loopback ports, in a caller-supplied
+work directory, so several stacks can run side by side and every log ends up next to the test's
+tmp files. `live_prometheus()` is the usual stack under a promvae test: backfilled history plus
+a live exporter fed from the same functions of time.
 
 Typical use::
 
@@ -54,13 +56,15 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import requests
@@ -77,12 +81,16 @@ __all__ = [
     "PROMETHEUS_BIN",
     "PROMTOOL_BIN",
     "AlertmanagerProcess",
+    "Feeder",
     "LiveExporter",
     "PrometheusProcess",
+    "PromvaeProcess",
+    "Series",
     "StackError",
     "WebhookReceiver",
     "backfill",
     "free_port",
+    "live_prometheus",
     "start_alertmanager",
     "start_prometheus",
     "wait_until",
@@ -132,7 +140,7 @@ def wait_until(
             last_exc = None
             if last_value:
                 return last_value
-        except ignore_exceptions as exc:  # noqa: PERF203 - polling loop
+        except ignore_exceptions as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             what = description or getattr(predicate, "__name__", repr(predicate))
@@ -173,7 +181,7 @@ def _fmt_value(v: float) -> str:
 
 def _fmt_ts(ts: float) -> str:
     # Prometheus stores milliseconds; round here so promtool never has to.
-    ms = int(round(float(ts) * 1000.0))
+    ms = round(float(ts) * 1000.0)
     sec, rem = divmod(ms, 1000)
     return str(sec) if rem == 0 else f"{sec}.{rem:03d}".rstrip("0")
 
@@ -261,34 +269,48 @@ def backfill(
 
 # Safety net: kill children still running when the interpreter exits (e.g. a test aborted
 # between start and the finally block). Normal cleanup is explicit stop().
-_LIVE: "weakref.WeakSet[_ManagedProcess]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[_ManagedProcess] = weakref.WeakSet()
 
 
 @atexit.register
 def _kill_leftovers() -> None:
     for p in list(_LIVE):
-        try:
+        with suppress(Exception):  # best effort at exit
             p.stop(timeout=2.0)
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
 
 
 class _ManagedProcess:
     """A child process with a log file, a readiness URL and SIGTERM-then-SIGKILL stopping."""
 
     name = "process"
+    binary = ""
     start_timeout = 30.0
+    config_path: Path
 
-    def __init__(self, workdir: Path, port: int | None) -> None:
-        self.workdir = workdir
-        self.log_path = workdir / f"{self.name}.log"
+    def __init__(
+        self, workdir: str | os.PathLike[str], port: int | None, extra_args: Sequence[str]
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.extra_args = list(extra_args)
         self._fixed_port = port is not None
         self.port: int = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
-    # subclasses build the command line for the current port
-    def _cmd(self) -> list[str]:
+    def _flags(self) -> list[str]:
+        """The subclass' own flags (storage, features); the base adds config, port and log."""
         raise NotImplementedError
+
+    def _cmd(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=info",
+            *self._flags(),
+            *self.extra_args,
+        ]
 
     @property
     def url(self) -> str:
@@ -304,7 +326,7 @@ class _ManagedProcess:
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
-    def start(self) -> "_ManagedProcess":
+    def start(self) -> Self:
         """Start the binary and wait until it is ready; retry on a lost port race."""
         if self.running():
             raise StackError(f"{self.name} already running (pid {self.pid})")
@@ -390,7 +412,7 @@ class _ManagedProcess:
         self._fixed_port = True  # clients hold the URL; never move to another port
         self.start()
 
-    def __enter__(self) -> "_ManagedProcess":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -407,6 +429,7 @@ class PrometheusProcess(_ManagedProcess):
     """A real `/usr/bin/prometheus` on 127.0.0.1 with its own config file and data dir."""
 
     name = "prometheus"
+    binary = PROMETHEUS_BIN
 
     def __init__(
         self,
@@ -420,13 +443,10 @@ class PrometheusProcess(_ManagedProcess):
         extra_args: Sequence[str] = (),
         port: int | None = None,
     ) -> None:
-        wd = Path(workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        super().__init__(wd, port)
-        self.config_path = wd / "prometheus.yml"
-        self.data_dir = Path(data_dir) if data_dir is not None else wd / "prometheus-data"
+        super().__init__(workdir, port, extra_args)
+        self.config_path = self.workdir / "prometheus.yml"
+        self.data_dir = Path(data_dir) if data_dir is not None else self.workdir / "prometheus-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.extra_args = list(extra_args)
         self.write_config(
             scrape_configs, rule_files, alertmanager_url, scrape_interval, evaluation_interval
         )
@@ -460,27 +480,15 @@ class PrometheusProcess(_ManagedProcess):
             cfg["alerting"] = {"alertmanagers": [am]}
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    def _cmd(self) -> list[str]:
+    def _flags(self) -> list[str]:
         return [
-            PROMETHEUS_BIN,
-            f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.data_dir}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
             # Keep backfilled history (default retention 15d would drop older blocks).
             "--storage.tsdb.retention.time=30d",
             # POST /-/reload and /-/quit, plus admin endpoints (delete_series, snapshot) for tests.
             "--web.enable-lifecycle",
             "--web.enable-admin-api",
-            "--log.level=info",
-            *self.extra_args,
         ]
-
-    def start(self) -> "PrometheusProcess":
-        super().start()
-        return self
-
-    def __enter__(self) -> "PrometheusProcess":
-        return self
 
     def reload(self) -> None:
         """Ask Prometheus to re-read prometheus.yml and rule files (POST /-/reload)."""
@@ -527,29 +535,19 @@ class PrometheusProcess(_ManagedProcess):
         return PrometheusConnect(url=self.url, disable_ssl=True, **kwargs)
 
 
-def start_prometheus(
-    workdir: str | os.PathLike[str],
-    scrape_configs: list[dict[str, Any]] | None = None,
-    rule_files: list[str | os.PathLike[str]] | None = None,
-    alertmanager_url: str | None = None,
-    scrape_interval: str = "1s",
-    evaluation_interval: str = "1s",
-    data_dir: str | os.PathLike[str] | None = None,
-    extra_args: Sequence[str] = (),
-    port: int | None = None,
-) -> PrometheusProcess:
-    """Write a config, start Prometheus, wait for `/-/ready` and return the running process."""
-    proc = PrometheusProcess(
-        workdir, scrape_configs, rule_files, alertmanager_url, scrape_interval,
-        evaluation_interval, data_dir, extra_args, port,
-    )
-    return proc.start()
+def start_prometheus(workdir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> PrometheusProcess:
+    """Write a config, start Prometheus, wait for `/-/ready` and return the running process.
+
+    Takes the arguments of `PrometheusProcess`.
+    """
+    return PrometheusProcess(workdir, *args, **kwargs).start()
 
 
 class AlertmanagerProcess(_ManagedProcess):
     """A real Alertmanager (clustering disabled) on 127.0.0.1."""
 
     name = "alertmanager"
+    binary = ALERTMANAGER_BIN
 
     def __init__(
         self,
@@ -558,38 +556,23 @@ class AlertmanagerProcess(_ManagedProcess):
         port: int | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        wd = Path(workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        super().__init__(wd, port)
-        self.storage_path = wd / "alertmanager-data"
+        super().__init__(workdir, port, extra_args)
+        self.storage_path = self.workdir / "alertmanager-data"
         self.storage_path.mkdir(parents=True, exist_ok=True)
-        self.extra_args = list(extra_args)
         # A str with a newline (or naming no existing file) is YAML text; otherwise a path.
         if isinstance(config, os.PathLike) or ("\n" not in config and os.path.isfile(config)):
             self.config_path = Path(config)
         else:
-            self.config_path = wd / "alertmanager.yml"
+            self.config_path = self.workdir / "alertmanager.yml"
             self.config_path.write_text(str(config))
 
-    def _cmd(self) -> list[str]:
+    def _flags(self) -> list[str]:
         return [
-            ALERTMANAGER_BIN,
-            f"--config.file={self.config_path}",
             f"--storage.path={self.storage_path}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
             # Empty value disables the gossip cluster: no extra port, and /-/ready does not
             # wait for cluster settling.
             "--cluster.listen-address=",
-            "--log.level=info",
-            *self.extra_args,
         ]
-
-    def start(self) -> "AlertmanagerProcess":
-        super().start()
-        return self
-
-    def __enter__(self) -> "AlertmanagerProcess":
-        return self
 
     def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """POST /api/v2/alerts (what Prometheus does). Each alert needs at least `labels`."""
@@ -642,13 +625,134 @@ def webhook_alertmanager_config(
 
 
 # --------------------------------------------------------------------------------------------
+# promvae itself
+
+
+class PromvaeProcess:
+    """`promvae serve` as a child process on a free loopback port, in `workdir`.
+
+    It logs to `workdir/promvae.log`; `config` (if any) is written to `workdir/promvae.yml`. The
+    child gets this process' environment without PROMVAE_* variables (a developer's settings must
+    not leak in), plus `env`. Unlike `_ManagedProcess`, start() does not wait: tests time the
+    start-up themselves, and some kill it half-way.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, Any] | None = None,
+        storage: Path | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        scheme: str = "http",
+    ) -> None:
+        self.port = free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.log = workdir / "promvae.log"
+        self.storage = storage or workdir / "storage"
+        self.args = ["--storage.path", str(self.storage), *args]
+        if config is not None:
+            self.config = workdir / "promvae.yml"
+            self.config.write_text(yaml.safe_dump(dict(config)))
+            self.args += ["--config.file", str(self.config)]
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_from = 0
+
+    def start(self, **popen: Any) -> None:
+        """Start (same port every time) without waiting; `popen` goes to subprocess.Popen."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
+        self.log_from = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
+                 "--web.listen-address", f"127.0.0.1:{self.port}", *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env={**env, **self.env}, **popen)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, SIGKILL after `timeout`; the exit code, or None if killed or not running."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, leaving the storage as it was at that instant."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+    def log_text(self) -> str:
+        """What the current run logged."""
+        with self.log.open() as f:
+            f.seek(self.log_from)
+            return f.read()
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        assert self.alive(), f"promvae exited:\n{self.log_text()[-3000:]}"
+        return requests.get(f"{self.url}{path}", **{"timeout": 10, **kwargs})
+
+    def wait_ready(self, timeout: float = 120.0, path: str = "/-/ready", **kwargs: Any) -> None:
+        """Wait until `path` answers 200 (`kwargs` go to requests); fail at once if it exits."""
+        wait_until(lambda: self.get(path, **kwargs).status_code == 200, timeout=timeout,
+                   description=f"promvae {path}", ignore_exceptions=(requests.RequestException,))
+
+    def families(self) -> dict[str, Any]:
+        """/metrics parsed: family name -> prometheus_client Metric."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {f.name: f for f in text_string_to_metric_families(self.get("/metrics").text)}
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` (a counter with or without _total) matching `labels`."""
+        family = name.removesuffix("_total")
+        fam = self.families().get(family)
+        return sum(s.value for s in fam.samples
+                   if s.name in (family, f"{family}_total")
+                   and all(s.labels.get(k) == v for k, v in labels.items())) if fam else 0.0
+
+    def samples(self, name: str) -> dict[str, float]:
+        """instance -> value of one family (an anomaly_* metric)."""
+        fam = self.families().get(name)
+        return {s.labels.get("instance", ""): s.value for s in fam.samples} if fam else {}
+
+
+# --------------------------------------------------------------------------------------------
 # in-process HTTP helpers
+
+
+class _ServerThread:
+    """An HTTP server of the test process, serving from a thread until stop() (or `with` ends)."""
+
+    _server: Any  # a socketserver.BaseServer
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class _LiveCollector:
     """prometheus_client collector that renders the exporter's current state at scrape time."""
 
-    def __init__(self, owner: "LiveExporter") -> None:
+    def __init__(self, owner: LiveExporter) -> None:
         self._owner = owner
 
     def describe(self) -> list[Any]:
@@ -669,7 +773,7 @@ class _LiveCollector:
             yield fam
 
 
-class LiveExporter:
+class LiveExporter(_ServerThread):
     """A scrape target whose gauges the test sets (thread-safe), on a free loopback port."""
 
     def __init__(self) -> None:
@@ -751,19 +855,91 @@ class LiveExporter:
         wait_until(lambda: self.scrapes >= target, timeout, interval=0.05,
                    description=f"{n} scrape(s) of {self.url}")
 
+
+
+SeriesFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Feeder:
+    """Sets one gauge of a LiveExporter from functions of time, twice a second, in a thread.
+
+    `series` maps a name to `(labels, fn)`, fn(t: (N,)) -> (N,); the first values are set before
+    the constructor returns.
+    """
+
+    def __init__(
+        self,
+        exporter: LiveExporter,
+        metric: str,
+        series: Mapping[str, tuple[Mapping[str, str], SeriesFn]],
+    ) -> None:
+        self.exporter, self.metric = exporter, metric
+        self.live = dict(series)
+        self._override: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._tick()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        now = np.array([time.time()])
+        with self._lock:
+            for name, (labels, fn) in self.live.items():
+                value = self._override.get(name, float(fn(now)[0]))
+                self.exporter.set(self.metric, labels, value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._tick()
+
+    def add(self, name: str, spec: tuple[Mapping[str, str], SeriesFn]) -> None:
+        with self._lock:
+            self.live[name] = spec
+
+    def remove(self, name: str) -> None:
+        """Stop feeding a series and stop exposing it (Prometheus marks it stale)."""
+        with self._lock:
+            labels, _ = self.live.pop(name)
+        self.exporter.remove(self.metric, labels)
+
+    def set_override(self, name: str, value: float | None) -> None:
+        """Expose `value` instead of the function's (an injected anomaly); None to go back."""
+        with self._lock:
+            if value is None:
+                self._override.pop(name, None)
+            else:
+                self._override[name] = value
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "LiveExporter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._stop.set()
+        self._thread.join(5)
 
 
-class WebhookReceiver:
+@contextmanager
+def live_prometheus(
+    workdir: Path,
+    history: Iterable[Series],
+    metric: str,
+    series: Mapping[str, tuple[Mapping[str, str], SeriesFn]],
+) -> Iterator[tuple[PrometheusProcess, Feeder]]:
+    """A started Prometheus over backfilled `history`, scraping (job "live", up) a LiveExporter
+    that a Feeder fills with `series`; everything is stopped on exit."""
+    backfill(write_openmetrics(workdir / "history.om", history), workdir / "prom-data")
+    with LiveExporter() as exporter:
+        feeder = Feeder(exporter, metric, series)
+        prom = PrometheusProcess(workdir / "prometheus", [exporter.scrape_config("live")],
+                                 data_dir=workdir / "prom-data")
+        try:
+            prom.start()
+            prom.wait_for_target_up("live", timeout=30)
+            yield prom, feeder
+        finally:
+            prom.stop()
+            feeder.stop()
+
+
+class WebhookReceiver(_ServerThread):
     """Records Alertmanager webhook POSTs (JSON bodies) on a free loopback port."""
 
     def __init__(self) -> None:
@@ -772,7 +948,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 try:
@@ -787,7 +963,7 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep pytest output clean
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -832,13 +1008,3 @@ class WebhookReceiver:
         with self._lock:
             self._payloads.clear()
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "WebhookReceiver":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

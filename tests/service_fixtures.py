@@ -187,3 +187,20 @@ class FakeStore:
 
     def delete(self, sid: str) -> None:
         self.models.pop(sid, None)
+
+
+def write_server_pki(directory: Path) -> tuple[Any, dict[str, Path]]:
+    """A trustme CA and its certificate for 127.0.0.1 and localhost, written as PEM files.
+
+    Returns the CA (to issue more certificates) and the paths under "ca", "cert" and "key".
+    """
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": directory / "ca.pem", "cert": directory / "cert.pem",
+             "key": directory / "key.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    server.cert_chain_pems[0].write_to_path(files["cert"])
+    server.private_key_pem.write_to_path(files["key"])
+    return ca, files

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-import trustme
 
 from grafana_plugin_backend.cli import main
 from grafana_plugin_backend.config import ConfigError, load_config
 from grafana_plugin_backend.webconfig import WebConfig, load_web_config
+from tests.service_fixtures import write_server_pki
 
 PASSWORD = "hunter2-web"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -22,15 +22,9 @@ HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """PEM files: a CA, a server cert/key for 127.0.0.1, and a key of another cert."""
     d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    other = ca.issue_cert("other.example")
-    files = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem",
-             "other_key": d / "other-key.pem", "garbage": d / "garbage.pem"}
-    ca.cert_pem.write_to_path(files["ca"])
-    server.cert_chain_pems[0].write_to_path(files["cert"])
-    server.private_key_pem.write_to_path(files["key"])
-    other.private_key_pem.write_to_path(files["other_key"])
+    ca, files = write_server_pki(d)
+    files.update(other_key=d / "other-key.pem", garbage=d / "garbage.pem")
+    ca.issue_cert("other.example").private_key_pem.write_to_path(files["other_key"])
     files["garbage"].write_text("not a certificate\n")
     return {k: str(v) for k, v in files.items()}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,6 +23,8 @@ from tests.promstack import (
     PrometheusProcess,
     WebhookReceiver,
 )
+
+P = TypeVar("P", PrometheusProcess, AlertmanagerProcess)
 
 
 def _require(path: str, package: str) -> str:
@@ -57,20 +59,14 @@ def tmp_workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def live_exporter() -> Iterator[LiveExporter]:
-    exp = LiveExporter()
-    try:
+    with LiveExporter() as exp:
         yield exp
-    finally:
-        exp.stop()
 
 
 @pytest.fixture
 def webhook_receiver() -> Iterator[WebhookReceiver]:
-    rec = WebhookReceiver()
-    try:
+    with WebhookReceiver() as rec:
         yield rec
-    finally:
-        rec.stop()
 
 
 def _report_and_stop(request: pytest.FixtureRequest, procs: list[Any]) -> None:
@@ -81,17 +77,15 @@ def _report_and_stop(request: pytest.FixtureRequest, procs: list[Any]) -> None:
         p.stop()
 
 
-@pytest.fixture
-def prometheus_factory(
-    request: pytest.FixtureRequest, prometheus_bin: str, tmp_workdir: Path
-) -> Iterator[Callable[..., PrometheusProcess]]:
-    """`start(workdir=None, **start_prometheus_kwargs)`; every started server is stopped."""
-    started: list[PrometheusProcess] = []
+def _process_factory(
+    request: pytest.FixtureRequest, tmp_workdir: Path, cls: type[P]
+) -> Iterator[Callable[..., P]]:
+    started: list[P] = []
 
-    def start(workdir: Path | None = None, **kwargs: Any) -> PrometheusProcess:
-        wd = workdir or tmp_workdir / f"prometheus{len(started)}"
+    def start(*args: Any, workdir: Path | None = None, **kwargs: Any) -> P:
+        wd = workdir or tmp_workdir / f"{cls.name}{len(started)}"
         # Register before starting so a server that fails wait_ready is still cleaned up.
-        proc = PrometheusProcess(wd, **kwargs)
+        proc = cls(wd, *args, **kwargs)
         started.append(proc)
         return proc.start()
 
@@ -99,6 +93,14 @@ def prometheus_factory(
         yield start
     finally:
         _report_and_stop(request, started)
+
+
+@pytest.fixture
+def prometheus_factory(
+    request: pytest.FixtureRequest, prometheus_bin: str, tmp_workdir: Path
+) -> Iterator[Callable[..., PrometheusProcess]]:
+    """`start(workdir=None, **start_prometheus_kwargs)`; every started server is stopped."""
+    yield from _process_factory(request, tmp_workdir, PrometheusProcess)
 
 
 @pytest.fixture
@@ -106,19 +108,7 @@ def alertmanager_factory(
     request: pytest.FixtureRequest, alertmanager_bin: str, tmp_workdir: Path
 ) -> Iterator[Callable[..., AlertmanagerProcess]]:
     """`start(config_yaml_text_or_path, workdir=None, **kwargs)`; every one started is stopped."""
-    started: list[AlertmanagerProcess] = []
-
-    def start(config: str | os.PathLike[str], workdir: Path | None = None,
-              **kwargs: Any) -> AlertmanagerProcess:
-        wd = workdir or tmp_workdir / f"alertmanager{len(started)}"
-        proc = AlertmanagerProcess(wd, config, **kwargs)
-        started.append(proc)
-        return proc.start()
-
-    try:
-        yield start
-    finally:
-        _report_and_stop(request, started)
+    yield from _process_factory(request, tmp_workdir, AlertmanagerProcess)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -12,11 +12,7 @@ test runs).
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,10 +25,11 @@ import requests
 import yaml
 
 from tests.promstack import (
+    Feeder,
     LiveExporter,
+    PromvaeProcess,
     WebhookReceiver,
     backfill,
-    free_port,
     wait_until,
     write_openmetrics,
 )
@@ -92,31 +89,6 @@ def routed_to(webhook_url: str) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-class Feeder:
-    """Sets the exporter's gauges from the series functions twice a second."""
-
-    def __init__(self, exporter: LiveExporter) -> None:
-        self.exporter = exporter
-        self.override: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._tick()
-        self._thread.start()
-
-    def _tick(self) -> None:
-        now = np.array([time.time()])
-        for name, (labels, fn) in SERIES.items():
-            self.exporter.set(METRIC, labels, self.override.get(name, float(fn(now)[0])))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._tick()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 class BreakableProxy:
     """An HTTP proxy to Prometheus that answers 422 for queries naming CANARY while broken."""
 
@@ -163,50 +135,17 @@ class BreakableProxy:
         self._thread.join(timeout=5)
 
 
-class Promvae:
-    """`promvae serve` as a child process against `prometheus_url`."""
+class Promvae(PromvaeProcess):
+    """`promvae serve` against `prometheus_url`."""
 
     def __init__(self, workdir: Path, prometheus_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "promvae.log"
-        self.config = workdir / "promvae.yml"
-        self.config.write_text(yaml.safe_dump({
+        super().__init__(workdir, {
             "prometheus": {"url": prometheus_url, "timeout": "5s", "retries": 0},
             "step": f"{STEP:g}s", "history": "1h", "window": WINDOW, "poll_every": "2s",
             "retrain_every": "24h",
             "queries": [{"name": QUERY, "expr": METRIC}, {"name": "canary", "expr": CANARY}],
-            "model": MODEL, "storage_path": str(workdir / "promvae-data"),
-        }))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-                 "--config.file", str(self.config),
-                 "--web.listen-address", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, \
-                self.log.read_text()[-3000:]
-            return requests.get(f"{self.url}/-/ready", timeout=5).status_code == 200
-        wait_until(ready, timeout=timeout, description="promvae ready",
-                   ignore_exceptions=(requests.RequestException,))
+            "model": MODEL,
+        }, storage=workdir / "promvae-data")
 
 
 @pytest.fixture
@@ -216,19 +155,19 @@ def promvae_factory(tmp_workdir: Path) -> Iterator[Callable[[str], Promvae]]:
     def start(prometheus_url: str) -> Promvae:
         pv = Promvae(tmp_workdir, prometheus_url)
         started.append(pv)
-        pv.start()
+        pv.start(cwd=ROOT)
         return pv
 
     try:
         yield start
     finally:
         for pv in started:
-            pv.stop()
+            pv.stop(timeout=30)
 
 
 @pytest.fixture
 def feeder(live_exporter: LiveExporter) -> Iterator[Feeder]:
-    f = Feeder(live_exporter)
+    f = Feeder(live_exporter, METRIC, SERIES)
     try:
         yield f
     finally:
@@ -292,13 +231,13 @@ def test_alert_path_end_to_end(tmp_workdir, promtool_bin, prometheus_factory,
     time.sleep(8)  # longer than AnomalyDetected's shortened `for`
     assert not prom.query("ALERTS"), prom.query("ALERTS")
 
-    feeder.override["a"] = 160.0  # a level shift of six amplitudes
+    feeder.set_override("a", 160.0)  # a level shift of six amplitudes
     try:
         alert = webhook_receiver.wait_for(
             lambda a: a["status"] == "firing" and a["labels"]["alertname"] == "AnomalyDetected",
             timeout=60)[0]
     finally:
-        feeder.override.pop("a")
+        feeder.set_override("a", None)
     labels = alert["labels"]
     assert {k: labels[k] for k in ("instance", "job", "anomaly_query")} == \
         {"instance": "a", "job": "app", "anomaly_query": QUERY}
@@ -325,7 +264,7 @@ def test_alert_path_end_to_end(tmp_workdir, promtool_bin, prometheus_factory,
     proxy.broken = True
     webhook_receiver.wait_for(lambda a: a["status"] == "firing"
                               and a["labels"]["alertname"] == "PromvaePollFailing", timeout=60)
-    feeder.override["b"] = 110.0  # the app query still polls fine: b is scored and flagged
+    feeder.set_override("b", 110.0)  # the app query still polls fine: b is scored and flagged
     try:
         wait_until(lambda: prom.query('ALERTS{alertname="AnomalyDetected",instance="b",'
                                       'alertstate="firing"}'),
@@ -339,6 +278,6 @@ def test_alert_path_end_to_end(tmp_workdir, promtool_bin, prometheus_factory,
         wait_until(inhibited, timeout=30, description="AnomalyDetected for b inhibited")
         time.sleep(3)  # several group_wait/group_interval periods
     finally:
-        feeder.override.pop("b")
+        feeder.set_override("b", None)
         proxy.broken = False
     assert not firing(webhook_receiver, "b"), webhook_receiver.alerts()

@@ -16,19 +16,14 @@ import random
 import re
 import resource
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import requests
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from detector.store import load_model_file
-from tests.promstack import free_port, wait_until
+from tests.promstack import PromvaeProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,74 +35,21 @@ CONFIG = {"step": "60s", "history": "12h", "window": 32, "poll_every": "2s",
           "retrain_every": "10s", "torch_threads": 1, "model": MODEL}
 
 
-class DemoPromvae:
+class DemoPromvae(PromvaeProcess):
     """`promvae serve` on the built-in demo, started and killed by the test."""
 
     def __init__(self, workdir: Path, **config: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.storage = workdir / "data"
+        super().__init__(workdir, {**CONFIG, **config}, storage=workdir / "data")
         self.models = self.storage / "models"
-        self.log = workdir / "promvae.log"
-        self.config = workdir / "promvae.yml"
-        self.config.write_text(yaml.safe_dump({**CONFIG, **config}))
-        self.proc: subprocess.Popen | None = None
-        self.log_from = 0
 
-    def start(self, max_file_bytes: int | None = None) -> None:
+    def start(self, max_file_bytes: int | None = None) -> None:  # type: ignore[override]
         """Start; with `max_file_bytes`, writes past that size fail with EFBIG (RLIMIT_FSIZE)."""
         def limit() -> None:
             if max_file_bytes is not None:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails instead of a kill
                 resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        self.log_from = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-                 "--config.file", str(self.config), "--storage.path", str(self.storage),
-                 "--web.listen-address", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-                preexec_fn=limit)  # noqa: PLW1509 - the test process forks no threads here
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-
-    def stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-
-    def log_text(self) -> str:
-        """What the current run logged."""
-        with self.log.open() as f:
-            f.seek(self.log_from)
-            return f.read()
-
-    def get(self, path: str) -> requests.Response:
-        assert self.proc is not None and self.proc.poll() is None, self.log_text()[-3000:]
-        return requests.get(f"{self.url}{path}", timeout=10)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        wait_until(lambda: self.get("/-/ready").status_code == 200, timeout=timeout,
-                   description="promvae ready", ignore_exceptions=(requests.RequestException,))
-
-    def value(self, name: str, **labels: str) -> float:
-        families = text_string_to_metric_families(self.get("/metrics").text)
-        fam = {f.name: f for f in families}.get(name.removesuffix("_total"))
-        return sum(s.value for s in fam.samples
-                   if all(s.labels.get(k) == v for k, v in labels.items())) if fam else 0.0
+        super().start(preexec_fn=limit)  # safe: the test process runs no other threads here
 
     def temp_files(self) -> list[Path]:
         return sorted([*self.models.glob(".*"), *self.storage.glob(".*")])

@@ -10,31 +10,18 @@ last scores, switches back to pass-through and waits until polling and scoring m
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-import requests
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faultproxy import FaultProxy
-from tests.promstack import (
-    LiveExporter,
-    PrometheusProcess,
-    backfill,
-    free_port,
-    wait_until,
-    write_openmetrics,
-)
+from tests.promstack import PromvaeProcess, live_prometheus, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,67 +40,17 @@ def value(name: str, t: np.ndarray) -> np.ndarray:
     return level * (1 + 0.1 * np.sin(2 * np.pi * np.asarray(t) / 600.0))
 
 
-class Promvae:
-    """`promvae serve` as a child process, read through /metrics and the status API."""
+class Promvae(PromvaeProcess):
+    """`promvae serve` pointed at `prometheus_url` with a short timeout and one retry."""
 
     def __init__(self, workdir: Path, prometheus_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.storage = workdir / "promvae-data"
-        self.log = workdir / "promvae.log"
-        self.config = workdir / "promvae.yml"
-        self.config.write_text(yaml.safe_dump({
+        super().__init__(workdir, {
             "prometheus": {"url": prometheus_url, "timeout": f"{TIMEOUT:g}s", "retries": 1,
                            "max_response_bytes": MAX_RESPONSE_BYTES},
             "step": f"{STEP:g}s", "history": "1h", "window": 16, "poll_every": "1s",
             "retrain_every": "24h", "series_ttl": "30s", "max_series": MAX_SERIES,
             "torch_threads": 1, "queries": [{"name": "app", "expr": METRIC}], "model": MODEL,
-        }))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-                 "--config.file", str(self.config), "--storage.path", str(self.storage),
-                 "--web.listen-address", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def get(self, path: str) -> requests.Response:
-        assert self.alive(), self.log.read_text()[-3000:]
-        return requests.get(f"{self.url}{path}", timeout=10)
-
-    def families(self) -> dict:
-        text = self.get("/metrics").text
-        return {f.name: f for f in text_string_to_metric_families(text)}
-
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of the samples of a metric family (counters by their family name) matching labels."""
-        fam = self.families().get(name.removesuffix("_total"))
-        if fam is None:
-            return 0.0
-        return sum(s.value for s in fam.samples if not s.name.endswith("_created")
-                   and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    def scores(self) -> dict[str, float]:
-        fam = self.families().get("anomaly_score")
-        return {s.labels.get("instance", ""): s.value for s in fam.samples} if fam else {}
+        }, storage=workdir / "promvae-data")
 
     def models(self) -> list[dict]:
         return self.get("/api/v1/status/models").json()["data"]
@@ -163,45 +100,25 @@ def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[
     wd = tmp_path_factory.mktemp("faults")
     end = math.floor((time.time() - 5) / STEP) * STEP
     ts = np.arange(end - 3600, end + STEP / 2, STEP)
-    write_openmetrics(wd / "history.om",
-                      [(METRIC, labels, ts, value(n, ts)) for n, labels in SERIES.items()])
-    backfill(wd / "history.om", wd / "prom-data")
-    exporter = LiveExporter()
-    stop = threading.Event()
-
-    def feed() -> None:
-        while not stop.is_set():
-            now = np.array([time.time()])
-            for n, labels in SERIES.items():
-                exporter.set(METRIC, labels, float(value(n, now)[0]))
-            stop.wait(0.5)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    prom = PrometheusProcess(wd / "prometheus", [exporter.scrape_config("live")],
-                             data_dir=wd / "prom-data")
+    history = [(METRIC, labels, ts, value(n, ts)) for n, labels in SERIES.items()]
+    live = {n: (labels, partial(value, n)) for n, labels in SERIES.items()}
     proxy: FaultProxy | None = None
     promvae: Promvae | None = None
-    try:
-        prom.start()
-        prom.wait_for_target_up("live", timeout=30)
-        proxy = FaultProxy(prom.url, slow_seconds=3 * TIMEOUT)
-        promvae = Promvae(wd, proxy.url)
-        promvae.start()
-        wait_until(lambda: promvae.get("/-/ready").status_code == 200, timeout=120,
-                   description="promvae ready", ignore_exceptions=(requests.RequestException,))
-        wait_until(lambda: set(promvae.scores()) >= set(SERIES), timeout=60,
-                   description="every series scored")
-        yield Stack(proxy, promvae)
-    finally:
-        stop.set()
-        code = promvae.stop() if promvae is not None else None
-        if proxy is not None:
-            proxy.stop()
-        prom.stop()
-        exporter.stop()
-        if code not in (0, None) and promvae is not None:
-            print(promvae.log.read_text()[-5000:])
+    with live_prometheus(wd, history, METRIC, live) as (prom, _):
+        try:
+            proxy = FaultProxy(prom.url, slow_seconds=3 * TIMEOUT)
+            promvae = Promvae(wd, proxy.url)
+            promvae.start()
+            promvae.wait_ready(timeout=120)
+            wait_until(lambda: set(promvae.samples("anomaly_score")) >= set(SERIES), timeout=60,
+                       description="every series scored")
+            yield Stack(proxy, promvae)
+        finally:
+            code = promvae.stop(timeout=30) if promvae is not None else None
+            if proxy is not None:
+                proxy.stop()
+            if code not in (0, None) and promvae is not None:
+                print(promvae.log.read_text()[-5000:])
 
 
 def recovers(pv: Promvae, since: float, scored: float) -> None:
@@ -228,7 +145,7 @@ def test_fault_is_counted_last_state_served_and_recovered(stack, mode, reason):
         wait_until(lambda: pv.value("promvae_poll_errors_total", reason=reason) >= before + 2,
                    timeout=30, description=f"{mode}: two polls counted as {reason}")
         assert proxy.count(mode) >= 2
-        assert set(pv.scores()) >= set(SERIES)  # the last state is still exposed
+        assert set(pv.samples("anomaly_score")) >= set(SERIES)  # the last state is still exposed
         assert pv.get("/-/ready").status_code == 200
         # counted under its own reason only (the trainer's pulls are training errors)
         assert pv.value("promvae_poll_errors_total") - pv.value(
@@ -251,7 +168,7 @@ def test_100k_series_answer_is_capped_counted_and_memory_stays_bounded(stack):
                        description=f"{polls} huge answers served")
             sizes.append(len(pv.models()))
             assert sizes[-1] <= MAX_SERIES
-            assert set(pv.scores()) >= set(SERIES)
+            assert set(pv.samples("anomaly_score")) >= set(SERIES)
         wait_until(lambda: pv.value("promvae_series_dropped_total", reason="max_series")
                    >= dropped0 + proxy.many_series - MAX_SERIES, timeout=60,
                    description="extra series counted as dropped")
@@ -282,7 +199,7 @@ def test_answer_over_max_response_bytes_is_refused_before_parsing(stack):
     try:
         wait_until(lambda: pv.value("promvae_poll_errors_total", reason="too_large")
                    >= before + 2, timeout=60, description="two answers refused as too_large")
-        assert set(pv.scores()) >= set(SERIES)
+        assert set(pv.samples("anomaly_score")) >= set(SERIES)
         assert len(pv.models()) <= MAX_SERIES
     finally:
         proxy.mode = "pass"

@@ -8,10 +8,6 @@ bodies conform to the document.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -27,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.promstack import free_port, wait_until
+from tests.promstack import PromvaeProcess
 
 SCHEMA_PATH = Path(str(resources.files("grafana_plugin_backend").joinpath("openapi.yaml")))
 TINY_ENV = {"PROMVAE_WINDOW": "16", "PROMVAE_HISTORY": "6h", "PROMVAE_MODEL_HIDDEN": "8",
@@ -42,33 +38,14 @@ schema = schemathesis.openapi.from_path(SCHEMA_PATH)
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("schemathesis")
-    log = tmp / "promvae.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-         "--web.listen-address", f"127.0.0.1:{port}", "--storage.path", str(tmp / "storage")],
-        env={**os.environ, **TINY_ENV}, stdout=log.open("a"), stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"promvae exited:\n{log.read_text()[-3000:]}"
-        try:
-            return requests.get(f"{url}/-/ready", timeout=2).ok
-        except requests.RequestException:
-            return False
-
+    pv = PromvaeProcess(tmp_path_factory.mktemp("schemathesis"), env=TINY_ENV)
+    pv.start()
     try:
-        wait_until(ready, timeout=120, description="promvae ready", ignore_exceptions=())
-        yield url
+        pv.wait_ready(timeout=120)
+        yield pv.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    text = log.read_text()
+        pv.stop(timeout=30)
+    text = pv.log.read_text()
     assert "Traceback" not in text, text[-3000:]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ def _history(now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _to_dt(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    return datetime.fromtimestamp(t, tz=UTC)
 
 
 def test_write_openmetrics_format(tmp_path: Path) -> None:

@@ -8,10 +8,6 @@ long before promvae started, so its scores can only come from on-demand scoring.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,10 +15,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import requests
-import yaml
 from prometheus_api_client import PrometheusConnect
 
-from tests.promstack import PrometheusProcess, backfill, free_port, wait_until, write_openmetrics
+from tests.promstack import PrometheusProcess, PromvaeProcess, backfill, write_openmetrics
 
 pytestmark = pytest.mark.integration
 
@@ -59,46 +54,21 @@ def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[
              (METRIC, {"instance": "c", "job": "app", "device": "sda"}, ts, wave(7, 1, 3, ts))]
     backfill(write_openmetrics(wd / "history.om", items), wd / "prom-data")
     prom = PrometheusProcess(wd / "prometheus", [], data_dir=wd / "prom-data")
-    port = free_port()
-    config = wd / "promvae.yml"
-    config.write_text(yaml.safe_dump({
-        "prometheus": {"url": "", "timeout": "10s", "retries": 0},
-        "step": "60s", "history": "12h", "window": 16, "poll_every": "5s",
-        "queries": [{"name": QUERY, "expr": METRIC}], "model": MODEL}))
-    log = wd / "promvae.log"
-    proc = None
+    promvae: PromvaeProcess | None = None
     try:
         prom.start()
-        cfg = yaml.safe_load(config.read_text())
-        cfg["prometheus"]["url"] = prom.url
-        config.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        with log.open("a") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-                 "--config.file", str(config), "--storage.path", str(wd / "storage"),
-                 "--web.listen-address", f"127.0.0.1:{port}"],
-                stdout=out, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            return requests.get(f"{url}/-/ready", timeout=5).status_code == 200
-
-        wait_until(ready, timeout=60, description="promvae ready",
-                   ignore_exceptions=(requests.RequestException,))
-        yield Stack(prom, url, incident, time.time())
+        promvae = PromvaeProcess(wd, {
+            "prometheus": {"url": prom.url, "timeout": "10s", "retries": 0},
+            "step": "60s", "history": "12h", "window": 16, "poll_every": "5s",
+            "queries": [{"name": QUERY, "expr": METRIC}], "model": MODEL})
+        promvae.start()
+        promvae.wait_ready(timeout=60)
+        yield Stack(prom, promvae.url, incident, time.time())
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        code = promvae.stop(timeout=30) if promvae is not None else None
         prom.stop()
-        if proc is not None and proc.returncode not in (0, None):
-            print(log.read_text()[-5000:])
+        if code not in (0, None) and promvae is not None:
+            print(promvae.log.read_text()[-5000:])
 
 
 def _dt(t: float) -> datetime:

@@ -8,29 +8,21 @@ a LiveExporter fed from the same functions of time, and `promvae serve` as a sub
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from detector import VAEConfig, lead_in_points
 from tests.promstack import (
-    LiveExporter,
+    Feeder,
     PrometheusProcess,
-    backfill,
-    free_port,
+    PromvaeProcess,
+    Series,
+    live_prometheus,
     wait_until,
-    write_openmetrics,
 )
 
 pytestmark = pytest.mark.integration
@@ -68,49 +60,7 @@ SERIES: dict[str, tuple[dict[str, str], Callable[[np.ndarray], np.ndarray]]] = {
 FRESH = ({"instance": "fresh", "job": "app"}, wave(80, 8, 7))  # appears mid-run, no history
 
 
-class Feeder:
-    """Sets the exporter's gauges from the series functions twice a second."""
-
-    def __init__(self, exporter: LiveExporter) -> None:
-        self.exporter = exporter
-        self.live = {name: spec for name, spec in SERIES.items()}
-        self.override: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.time()
-            with self._lock:
-                for name, (labels, fn) in self.live.items():
-                    value = self.override.get(name, float(fn(np.array([now]))[0]))
-                    self.exporter.set(METRIC, labels, value)
-            self._stop.wait(0.5)
-
-    def add(self, name: str, spec) -> None:
-        with self._lock:
-            self.live[name] = spec
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            labels, _ = self.live.pop(name)
-        self.exporter.remove(METRIC, labels)
-
-    def set_override(self, name: str, value: float | None) -> None:
-        with self._lock:
-            if value is None:
-                self.override.pop(name, None)
-            else:
-                self.override[name] = value
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def write_history(path: Path, now: float) -> None:
+def history(now: float) -> list[Series]:
     """3 days at 1 minute, the last 7 hours at STEP; `gappy` misses 5h..2h ago."""
     end = math.floor((now - 20) / STEP) * STEP
     fine_start = end - 7 * 3600
@@ -124,66 +74,19 @@ def write_history(path: Path, now: float) -> None:
             values[(ts > end - 5 * 3600) & (ts < end - 2 * 3600)] = np.nan
         if name != "nan":  # NaN samples cannot be backfilled; it only exists live
             items.append((METRIC, labels, ts, values))
-    write_openmetrics(path, items)
+    return items
 
 
-class Promvae:
-    """`promvae serve` as a child process."""
+class Promvae(PromvaeProcess):
+    """`promvae serve` polling `prometheus_url` every 2 s."""
 
     def __init__(self, workdir: Path, prometheus_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.storage = workdir / "promvae-data"
-        self.log = workdir / "promvae.log"
-        self.config = workdir / "promvae.yml"
-        self.config.write_text(yaml.safe_dump({
+        super().__init__(workdir, {
             "prometheus": {"url": prometheus_url, "timeout": "5s", "retries": 0},
             "step": f"{STEP:g}s", "history": "7h", "window": 16, "poll_every": "2s",
             "retrain_every": "24h", "series_ttl": "20s", "max_catchup": "1h",
             "keep_scores": "20m", "queries": [{"name": QUERY, "expr": METRIC}], "model": MODEL,
-        }))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-                 "--config.file", str(self.config), "--storage.path", str(self.storage),
-                 "--web.listen-address", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-
-    def get(self, path: str) -> requests.Response:
-        return requests.get(f"{self.url}{path}", timeout=10)
-
-    def metrics(self) -> dict:
-        text = self.get("/metrics").text
-        return {f.name: f for f in text_string_to_metric_families(text)}
-
-    def samples(self, name: str) -> dict[str, float]:
-        """instance -> value of an anomaly_* metric."""
-        fam = self.metrics().get(name)
-        return {s.labels["instance"]: s.value for s in fam.samples} if fam else {}
-
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` (a counter with or without _total) matching labels."""
-        family = name.removesuffix("_total")
-        fam = self.metrics()[family]
-        return sum(s.value for s in fam.samples
-                   if s.name in (family, f"{family}_total")
-                   and all(s.labels.get(k) == v for k, v in labels.items()))
+        }, storage=workdir / "promvae-data")
 
     def models(self) -> dict[str, dict]:
         data = self.get("/api/v1/status/models").json()["data"]
@@ -193,18 +96,11 @@ class Promvae:
         sid = self.models()[instance]["id"]
         return self.get(f"/api/v1/status/models/{sid}").json()["data"]
 
-    def wait_ready(self, timeout: float = 180) -> None:
-        def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-            return self.get("/-/ready").status_code == 200
-        wait_until(ready, timeout=timeout, description="promvae ready",
-                   ignore_exceptions=(requests.RequestException,))
-
 
 class Stack:
-    def __init__(self, prom: PrometheusProcess, exporter: LiveExporter, feeder: Feeder,
-                 promvae: Promvae, history: set[str], live_from: float) -> None:
-        self.prom, self.exporter, self.feeder, self.promvae = prom, exporter, feeder, promvae
+    def __init__(self, prom: PrometheusProcess, feeder: Feeder, promvae: Promvae,
+                 history: set[str], live_from: float) -> None:
+        self.prom, self.feeder, self.promvae = prom, feeder, promvae
         self.history = history  # series with backfilled history
         self.live_from = live_from  # time of the first scrape of the live exporter
 
@@ -212,30 +108,17 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[Stack]:
     wd = tmp_path_factory.mktemp("service")
-    om = wd / "history.om"
-    write_history(om, time.time())
-    backfill(om, wd / "prom-data")
-    exporter = LiveExporter()
-    feeder = Feeder(exporter)
-    prom = PrometheusProcess(wd / "prometheus", [exporter.scrape_config("live")],
-                             data_dir=wd / "prom-data")
-    promvae = Promvae(wd, "")
-    try:
-        prom.start()
-        prom.wait_for_target_up("live", timeout=30)
+    with live_prometheus(wd, history(time.time()), METRIC, SERIES) as (prom, feeder):
         live_from = time.time()
         promvae = Promvae(wd, prom.url)
-        promvae.start()
-        promvae.wait_ready()
-        feeder.add("fresh", FRESH)  # a new series appears mid-run (tested later)
-        yield Stack(prom, exporter, feeder, promvae, set(SERIES) - {"nan"}, live_from)
-    finally:
-        code = promvae.stop()
-        prom.stop()
-        feeder.stop()
-        exporter.stop()
-        if code not in (0, None):
-            print(promvae.log.read_text()[-5000:])
+        try:
+            promvae.start()
+            promvae.wait_ready(timeout=180)
+            feeder.add("fresh", FRESH)  # a new series appears mid-run (tested later)
+            yield Stack(prom, feeder, promvae, set(SERIES) - {"nan"}, live_from)
+        finally:
+            if promvae.stop() not in (0, None):
+                print(promvae.log.read_text()[-5000:])
 
 
 def test_every_series_gets_a_model_and_metrics_carry_labels(stack):
@@ -253,7 +136,7 @@ def test_every_series_gets_a_model_and_metrics_carry_labels(stack):
     scores = wait_until(lambda: known(lambda: pv.samples("anomaly_score")), timeout=60,
                         description="7 anomaly_score samples")
     assert "nan" not in scores  # never a NaN sample
-    fams = pv.metrics()
+    fams = pv.families()
     for name in ("anomaly_score", "anomaly_flag", "anomaly_expected", "anomaly_lower",
                  "anomaly_upper", "anomaly_observed"):
         labels = [s.labels for s in fams[name].samples]
@@ -277,7 +160,7 @@ def test_injected_anomaly_raises_score_and_flag_of_that_series_only(stack):
     stack.feeder.set_override("a", 160.0)  # a level shift of six amplitudes
     try:
         def flagged():
-            fams = pv.metrics()
+            fams = pv.families()
             score = {s.labels["instance"]: s.value for s in fams["anomaly_score"].samples}
             flag = {s.labels["instance"]: s.value for s in fams["anomaly_flag"].samples}
             return flag.get("a") == 1.0 and (score, flag)

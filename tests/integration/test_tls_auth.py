@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +13,8 @@ import pytest
 import requests
 import trustme
 
-from tests.promstack import free_port, wait_until
+from tests.promstack import PromvaeProcess
+from tests.service_fixtures import write_server_pki
 
 PASSWORD = "tls-integration-pw"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -27,54 +24,28 @@ TINY_ENV = {"PROMVAE_WINDOW": "16", "PROMVAE_HISTORY": "2h", "PROMVAE_MODEL_HIDD
             "PROMVAE_MODEL_MAX_STEPS": "2", "PROMVAE_MODEL_MC_SAMPLES": "2"}
 
 
-class Served:
-    """A running `promvae serve` on a loopback port; stop() sends SIGTERM (then kills)."""
+class Served(PromvaeProcess):
+    """A running `promvae serve` over HTTPS with the web config `web_config` (YAML text)."""
 
     def __init__(self, tmp: Path, web_config: str) -> None:
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.log = tmp / "promvae.log"
         web = tmp / "web.yml"
         web.write_text(web_config)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMVAE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "grafana_plugin_backend.cli", "serve",
-             "--web.listen-address", f"127.0.0.1:{self.port}", "--storage.path",
-             str(tmp / "storage"), "--web.config.file", str(web)],
-            env={**env, **TINY_ENV}, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        super().__init__(tmp, args=["--web.config.file", str(web)], env=TINY_ENV,
+                         scheme="https")
+        self.start()
 
     def wait_healthy(self, **kwargs: object) -> None:
-        def healthy() -> bool:
-            assert self.proc.poll() is None, f"promvae exited:\n{self.log.read_text()[-3000:]}"
-            return requests.get(f"{self.url}/-/healthy", timeout=2, **kwargs).status_code == 200
-
-        wait_until(healthy, timeout=60, description="promvae healthy over https",
-                   ignore_exceptions=(requests.ConnectionError,))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        self.wait_ready(timeout=60, path="/-/healthy", **kwargs)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("pki")
-    ca, rogue = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server-key.pem",
-             "client": d / "client.pem", "rogue_client": d / "rogue-client.pem"}
-    ca.cert_pem.write_to_path(files["ca"])
-    server.cert_chain_pems[0].write_to_path(files["cert"])
-    server.private_key_pem.write_to_path(files["key"])
+    ca, files = write_server_pki(d)
+    files.update(client=d / "client.pem", rogue_client=d / "rogue-client.pem")
     ca.issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(files["client"])
-    rogue.issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(
-        files["rogue_client"])
+    trustme.CA().issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(
+        files["rogue_client"])  # a client certificate from another CA
     return {k: str(v) for k, v in files.items()}
 
 
