@@ -179,23 +179,33 @@ class OnDemandScorer:
         if n == 0:
             return out
         self._load_gone(states)
+        live = []  # (series, model, first live time, its live points inside [g0, g1])
+        eps = 1e-6 * step
         with self.svc.registry.lock:
-            live = [(s, s.model, {k: v.copy() for k, v in s.recent.items()}) for s in states
-                    if s.state == READY and s.model is not None]
+            for s in states:
+                if s.state != READY or s.model is None:
+                    continue
+                rts = s.recent.get("timestamp")
+                if rts is None or not len(rts):
+                    live.append((s, s.model, math.inf, {}))
+                    continue
+                # Copy only the part in range: an instant query over 1,000 series would
+                # otherwise copy hours of points per series (recent timestamps are sorted).
+                a, b = np.searchsorted(rts, [g0 - eps, g1 + eps])
+                live.append((s, s.model, float(rts[0]),
+                             {k: v[a:b].copy() for k, v in s.recent.items()}))
         k0 = math.floor(g0 / (c * step) + 1e-9)
         k1 = math.floor(g1 / (c * step) + 1e-9)
         chunks: dict[str, dict[int, Chunk]] = {}
         todo: list[tuple[SeriesState, Any]] = []
         lo_todo, hi_todo = math.inf, -math.inf
-        for s, model, recent in live:
-            rts = recent.get("timestamp")
-            live_from = float(rts[0]) if rts is not None and len(rts) else math.inf
+        for s, model, live_from, _ in live:
             have = chunks.setdefault(s.id, {})
             missing = False
             for k in range(k0, k1 + 1):
                 need_from = max(k * c * step, g0)
                 need_to = min((k + 1) * c * step - step, g1)
-                if need_from >= live_from - 1e-6 * step:
+                if need_from >= live_from - eps:
                     continue  # the live buffer covers this part
                 hit = self.cache.get((s.id, _token(model), k))
                 if hit is not None and (hit[1] >= need_to or hit[1] + step >= live_from):
@@ -211,7 +221,7 @@ class OnDemandScorer:
             for sid, got in self._score(todo, lo_todo, hi_todo, deadline).items():
                 chunks[sid].update(got)
         base = round(g0 / step)
-        for s, _, recent in live:
+        for s, _, _, recent in live:
             dest = out[s.id]
             for k, (part, valid_to) in chunks.get(s.id, {}).items():
                 first = k * c  # grid index of the chunk's first point
