@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import bcrypt
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CollectorRegistry, Counter
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .webconfig import WebConfig
@@ -79,8 +80,21 @@ def _refuse(status: int, error_type: str, message: str) -> Response:
     return resp
 
 
-def init_app(app: Flask, web: WebConfig | None, max_request_bytes: int) -> None:
-    """Register the size limits, basic auth (if `web` has users) and `web`'s response headers."""
+REFUSALS = ("unauthorized", "too_large", "uri_too_long")
+
+
+def init_app(app: Flask, web: WebConfig | None, max_request_bytes: int,
+             registry: CollectorRegistry | None = None) -> None:
+    """Register the size limits, basic auth (if `web` has users) and `web`'s response headers.
+
+    Refused requests are counted in promvae_http_requests_refused_total{reason} of `registry`:
+    a rising `unauthorized` is a misconfigured scraper or someone guessing passwords.
+    """
+    refused = Counter("promvae_http_requests_refused_total",
+                      "HTTP requests refused before reaching an endpoint, by reason.",
+                      ["reason"], registry=registry)
+    for reason in REFUSALS:
+        refused.labels(reason)
     app.config["MAX_CONTENT_LENGTH"] = max_request_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = max_request_bytes  # werkzeug's own 500 kB form cap
     checker = BasicAuthChecker(web.users) if web is not None and web.users else None
@@ -91,6 +105,7 @@ def init_app(app: Flask, web: WebConfig | None, max_request_bytes: int) -> None:
     @app.before_request
     def guard() -> Response | None:
         if len(request.path) + len(request.query_string) > MAX_URL_BYTES:
+            refused.labels("uri_too_long").inc()
             return _refuse(414, "bad_data", f"URL too long: at most {MAX_URL_BYTES} bytes of "
                            "path and query string; send long queries as a POST form")
         if checker is not None and request.path not in OPEN_PATHS:
@@ -99,15 +114,18 @@ def init_app(app: Flask, web: WebConfig | None, max_request_bytes: int) -> None:
                     or not checker.check(auth.username or "", auth.password or "")):
                 log.debug("unauthorized %s %s from %s", request.method, request.path,
                           request.remote_addr)
+                refused.labels("unauthorized").inc()
                 resp = _refuse(401, "unauthorized", "Unauthorized")
                 resp.headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
                 return resp
         if request.content_length is not None and request.content_length > max_request_bytes:
+            refused.labels("too_large").inc()
             return _too_large(max_request_bytes)
         return None
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(e: RequestEntityTooLarge) -> Response:  # a body read past the limit
+        refused.labels("too_large").inc()
         return _too_large(max_request_bytes)
 
     if headers:

@@ -130,8 +130,8 @@ def create_app(config: Config, *, service: Service | None = None,
         web_config = load_web_config(config.web_config_file)
     app = Flask(__name__, static_folder=None)  # no static files: no /static route
     app.config["PROMVAE"] = config
-    access.init_app(app, web_config, config.web_max_request_bytes)
     service = service or Service(config, **service_kwargs)
+    access.init_app(app, web_config, config.web_max_request_bytes, service.metrics_registry)
     service.init_app(app)
     app.register_blueprint(exposition_bp)
     app.register_blueprint(status_bp)

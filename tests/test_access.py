@@ -148,3 +148,21 @@ def test_url_over_the_limit_is_414(client):
     assert resp.status_code == 414
     assert "URL too long" in resp.json["error"]
     assert client.get("/metrics?" + "a" * MAX_URL_BYTES).status_code == 414
+
+
+def test_refused_requests_are_counted_by_reason(tmp_path):
+    web = WebConfig(users={"alice": HASH})
+    app = make_app(tmp_path, web, web_max_request_bytes=2048)
+    client = app.test_client()
+    auth = basic("alice", PASSWORD)
+    client.get("/metrics")
+    client.get("/metrics", headers=basic("alice", "guess"))
+    client.post("/api/v1/query", data={"pad": "x" * 4096}, headers=auth)
+    client.get("/api/v1/query?query=" + "a" * MAX_URL_BYTES, headers=auth)
+    client.get("/api/v1/query", query_string={"query": "1+1"}, headers=auth)  # not refused
+    sample = app.extensions["promvae"].metrics_registry.get_sample_value
+    counts = {r: sample("promvae_http_requests_refused_total", {"reason": r})
+              for r in ("unauthorized", "too_large", "uri_too_long")}
+    assert counts == {"unauthorized": 2, "too_large": 1, "uri_too_long": 1}
+    text = client.get("/metrics", headers=auth).get_data(as_text=True)
+    assert 'promvae_http_requests_refused_total{reason="unauthorized"} 2.0' in text
