@@ -64,6 +64,8 @@ class QueryAPI:
             errors = Counter("promvae_query_errors_total",
                              "Query API requests answered with an error, by errorType.",
                              ["type"], registry=service.metrics_registry)
+            for error_type in ("bad_data", "execution", "timeout", "unavailable", "internal"):
+                errors.labels(error_type)  # exposed at 0: rate() and alerts see them from start
             service.query_errors = errors
         self.errors = errors
 
