@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.nab import (  # noqa: E402
+from benchmarks.nab import (
     ALL_CATEGORIES,
     EVAL_CATEGORIES,
     NO_ANOMALY_CATEGORY,
@@ -88,7 +88,7 @@ def rolling_z(timestamps: np.ndarray, values: np.ndarray, train_points: int) -> 
     running sums), so constant stretches give z = 0 instead of round-off noise.
     """
     n = len(values)
-    day = max(2, int(round(86400.0 / infer_step(timestamps))))
+    day = max(2, round(86400.0 / infer_step(timestamps)))
     min_hist = min(day, train_points)
     floor = _std_floor(float(np.median(values[:train_points])))
     scores = np.full(n, np.nan)
@@ -365,7 +365,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             error = None
             try:
                 scores = run_detector(detector, series)
-            except Exception as exc:  # noqa: BLE001 - a failed series counts against the detector
+            except Exception as exc:  # a failed series counts against the detector
                 if args.fail_fast:
                     raise
                 error = f"{type(exc).__name__}: {exc}"

@@ -27,7 +27,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,10 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.promstack import free_port
+
 STEP = 60.0
 SOURCE_HISTORY = 2 * 86400.0  # the synthetic Prometheus holds two days before its start
 QUERY = "load"  # anomaly_query of every series
@@ -186,12 +189,6 @@ class SyntheticPrometheus:
 
 
 # ---- the promvae process ------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PromvaeProcess:
     """`python -m grafana_plugin_backend.cli serve` with a config for the synthetic source."""

@@ -6,7 +6,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TextIO
 
 import numpy as np
@@ -103,8 +103,6 @@ CSV_HEADER = ("timestamp", "value", "score", "flag", "expected", "lower", "upper
 
 def _parse_time(text: str) -> float:
     """Unix seconds, or an ISO 8601 / NAB 'YYYY-MM-DD HH:MM:SS' time (UTC if no zone)."""
-    from datetime import datetime
-
     try:
         return float(text)
     except ValueError:

@@ -60,34 +60,28 @@ def _linear(p: Params, name: str, x: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(p[f"{name}.b"], x, p[f"{name}.w"])  # (K, B, in) @ (K, in, out)
 
 
-def _first(p: Params, name: str, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """First layer on [x, cond] without concatenating: the weight's rows split instead."""
-    w = p[f"{name}.w"]
-    h = torch.baddbmm(p[f"{name}.b"], x, w[:, : x.shape[-1]])
+def _mlp(p: Params, prefix: str, n_hidden: int, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Hidden layers on [x, cond]; the first without concatenating: its weight's rows split."""
+    w = p[f"{prefix}0.w"]
+    h = torch.baddbmm(p[f"{prefix}0.b"], x, w[:, : x.shape[-1]])
     if cond is not None:
         h = torch.baddbmm(h, cond, w[:, x.shape[-1] :])
-    return F.relu(h)
+    h = F.relu(h)
+    for i in range(1, n_hidden):
+        h = F.relu(_linear(p, f"{prefix}{i}", h))
+    return h
 
 
 def encode(p: Params, config: VAEConfig, x: torch.Tensor, cond: torch.Tensor | None):
     """q(z | x, c): x (K, B, W), cond (K, B, C) -> mean, std (K, B, Z)."""
-    h = _first(p, "enc0", x, cond)
-    for i in range(1, len(config.hidden)):
-        h = F.relu(_linear(p, f"enc{i}", h))
+    h = _mlp(p, "enc", len(config.hidden), x, cond)
     return _linear(p, "enc_mu", h), F.softplus(_linear(p, "enc_std", h)) + 1e-4
 
 
 def decode(p: Params, config: VAEConfig, z: torch.Tensor, cond: torch.Tensor | None):
     """p(x | z, c): z (K, B, Z), cond (K, B, C) -> mean, std (K, B, W)."""
-    h = _first(p, "dec0", z, cond)
-    for i in range(1, len(config.hidden)):
-        h = F.relu(_linear(p, f"dec{i}", h))
+    h = _mlp(p, "dec", len(config.hidden), z, cond)
     return _linear(p, "dec_mu", h), F.softplus(_linear(p, "dec_std", h)) + config.std_min
-
-
-def gaussian_logp(x: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Elementwise log N(x; mu, std)."""
-    return -0.5 * (((x - mu) / std) ** 2 + LOG_2PI) - torch.log(std)
 
 
 def m_elbo_windows(

@@ -117,7 +117,7 @@ def gather_windows(packed: Packed, ends: torch.Tensor, window: int):
 def _mean_nll(x: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """-log N(x; mu, std) averaged over the L samples: x (K, c, W), mu, std (K, c, L, W).
 
-    gaussian_logp, negated, computed in place: mu and std are overwritten. Scoring is
+    Computed in place: mu and std are overwritten. Scoring is
     bound by this elementwise pass (K*c*L*W values), so no temporaries of that size.
     """
     d = mu.sub_(x[:, :, None, :]).div_(std).square_().mul_(0.5)
@@ -161,9 +161,10 @@ def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tens
         nll_all = (nll * m).sum(-1) / m.sum(-1).clamp_min(1)
         for si, n in enumerate(config.score_scales):
             mt = m[:, :, -n:]
-            nll_n = (nll[:, :, -n:] * mt).sum(-1) / mt.sum(-1).clamp_min(1)
+            n_obs = mt.sum(-1)
+            nll_n = (nll[:, :, -n:] * mt).sum(-1) / n_obs.clamp_min(1)
             # An unobserved tail (the newest points missing) falls back to the whole window.
-            raw[:, a:b, si] = torch.where(mt.sum(-1) > 0, nll_n, nll_all).double().numpy()
+            raw[:, a:b, si] = torch.where(n_obs > 0, nll_n, nll_all).double().numpy()
         mu_last[:, a:b] = mu_n.double().numpy()
         std_last[:, a:b] = var_n.sqrt().double().numpy()
     return raw, mu_last, std_last

@@ -74,19 +74,32 @@ def save_model(model: SeriesModel, directory: str | Path, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.params.items()}
     blob = st_save(tensors, metadata={"promvae": json.dumps(_metadata(model))})
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+    try:
+        atomic_write(path, blob, prefix=f".{name}.")
+    except OSError as e:
+        raise OSError(e.errno, f"could not write model file {path}: {e.strerror or e}") from e
+    return path
+
+
+def atomic_write(path: Path, blob: bytes, prefix: str) -> None:
+    """Replace `path` by `blob` so that a crash leaves the old or the new content, never a mix.
+
+    Temp file `<prefix>*.tmp` beside it, fsync, rename, fsync of the directory (best effort:
+    some filesystems refuse). On failure the temp file is removed and the OSError raised.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OSError(e.errno, f"could not write model file {path}: {e.strerror or e}") from e
+        raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -95,7 +108,6 @@ def save_model(model: SeriesModel, directory: str | Path, name: str) -> Path:
             os.close(dfd)
     except OSError:
         pass
-    return path
 
 
 def load_model(directory: str | Path, name: str) -> SeriesModel:

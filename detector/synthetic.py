@@ -48,7 +48,7 @@ def inject(series: Series, kind: str, at: int, length: int, size: float, seed: i
     """A copy of `series` with one anomaly of `kind` over [at, at+length)."""
     v = series.values.copy()
     end = min(len(v), at + length)
-    if kind == "spike" or kind == "level_shift":
+    if kind in ("spike", "level_shift"):
         v[at:end] += size
     elif kind == "seasonality_break":
         # The daily cycle stops: the series holds its mean plus noise where it should swing.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 MIN_PEAKS = 10  # fewer peaks than this cannot support a tail fit: fall back to a quantile
+SCORE_CLIP = 1e150  # scores are clipped to ±this so quantile spreads and moments cannot overflow
 
 
 def fit_gpd_moments(peaks: np.ndarray) -> tuple[float, float]:
@@ -38,7 +39,7 @@ def spot_threshold(scores: np.ndarray, risk: float, init_quantile: float) -> tup
     s = s[np.isfinite(s)]
     if len(s) == 0:
         raise ValueError("no finite training scores to fit a threshold on")
-    s = np.clip(s, -1e150, 1e150)  # so quantile spreads and moments cannot overflow
+    s = np.clip(s, -SCORE_CLIP, SCORE_CLIP)
     t = float(np.quantile(s, init_quantile))
     peaks = s[s > t] - t
     if len(peaks) >= MIN_PEAKS and np.ptp(peaks) > 0:
@@ -76,7 +77,7 @@ def scale_stats(raw: np.ndarray) -> list[tuple[float, float]]:
         if len(x) == 0:
             out.append((0.0, 1.0))
             continue
-        x = np.clip(x, -1e150, 1e150)  # so the spread and std cannot overflow
+        x = np.clip(x, -SCORE_CLIP, SCORE_CLIP)
         med = float(np.median(x))
         spread = float(np.quantile(x, 0.99) - med)
         out.append((med, spread if spread > 1e-9 else max(float(np.std(x)), 1e-9)))

@@ -142,8 +142,8 @@ def fit_many(
     seed_list, seasonality, packed, valid = _pack_prepared(prepared, config, seeds)
     keep = valid.sum(1) >= 2
     split = _split(valid, config)
-    tr, n_tr, va, _ = split
-    holdout = (tr.shape[1] == 0) | (va[:, 0] > tr.gather(1, (n_tr - 1).clamp_min(0)[:, None])[:, 0])
+    _, n_tr, va, _ = split
+    holdout = n_tr < valid.sum(1)  # else _split validates on the training windows themselves
     k = len(prepared)
 
     best_p, best_loss = _train(packed, split, keep, config, seed_list, progress)
@@ -218,8 +218,8 @@ def _inject_missing(m: torch.Tensor, keys: torch.Tensor, it: int, config: VAECon
     u = rng.uniform(keys, it, m.shape[1:2] + (n,))  # (K, B, n)
     pos = (u * config.window).long().clamp_max(config.window - 1)
     # Each drawn position is hidden with probability rate·W/n, so the expected share is exact.
-    keep_p = config.missing_injection * config.window / n
-    hide = (rng.uniform(keys, -1 - it, m.shape[1:2] + (n,)) < keep_p).float()
+    hide_p = config.missing_injection * config.window / n
+    hide = (rng.uniform(keys, -1 - it, m.shape[1:2] + (n,)) < hide_p).float()
     return m.scatter(2, pos, (1 - hide) * m.gather(2, pos))
 
 

@@ -56,7 +56,6 @@ class BasicAuthChecker:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return known
-        with self._lock:
             self.bcrypt_checks += 1
         try:
             ok = bcrypt.checkpw(pw, hashed) and known
@@ -99,7 +98,6 @@ def init_app(app: Flask, web: WebConfig | None, max_request_bytes: int,
     app.config["MAX_FORM_MEMORY_SIZE"] = max_request_bytes  # werkzeug's own 500 kB form cap
     checker = BasicAuthChecker(web.users) if web is not None and web.users else None
     headers = dict(web.headers) if web is not None else {}
-    app.extensions["promvae_auth"] = checker
     app.extensions["promvae_web"] = web  # the server takes TLS settings from here
 
     @app.before_request

@@ -37,14 +37,15 @@ import numpy as np
 
 from detector import ModelFileError, lead_in_points, regularize, score_many
 
+from .exposition import ANOMALY_METRICS
+from .poller import grid_floor
 from .promclient import SourceError, only_series
 from .promql import ALL_METRICS, LabelMatcher, QueryError, grid_start, matches_all
 from .state import READY, RESULT_FIELDS, SeriesState, exposed_labels, series_id
 
 log = logging.getLogger(__name__)
 
-FIELD_OF = {"anomaly_score": "score", "anomaly_flag": "flag", "anomaly_expected": "expected",
-            "anomaly_lower": "lower", "anomaly_upper": "upper", "anomaly_observed": "observed"}
+FIELD_OF = {name: field for name, (field, _) in ANOMALY_METRICS.items()}
 CHUNK_POINTS = 120  # grid points per cached chunk (2 h at a 60 s step): little waste at the edges
 SETTLE = 300.0  # seconds after which a chunk's source data is taken as final
 # Series per score_many call: big enough to batch the matmuls, small enough that a query
@@ -70,21 +71,14 @@ class ScoreCache:
     def __init__(self, max_values: int) -> None:
         self.max_values = max_values
         self.values = 0
-        self.hits = self.misses = 0
         self._lock = threading.Lock()
         self._data: OrderedDict[tuple, Chunk] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def get(self, key: tuple) -> Chunk | None:
         with self._lock:
             hit = self._data.get(key)
-            if hit is None:
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
+            if hit is not None:
+                self._data.move_to_end(key)
             return hit
 
     def put(self, key: tuple, chunk: Chunk) -> None:
@@ -105,22 +99,19 @@ class ScoreCache:
 class OnDemandScorer:
     """Scores registry series over any range; one instance per service."""
 
-    def __init__(self, service: Any, *, chunk_points: int = CHUNK_POINTS,
-                 cache_values: int | None = None, max_score_points: int | None = None,
-                 timeout: float | None = None, settle: float = SETTLE,
-                 score_fn: Any = None) -> None:
+    def __init__(self, service: Any) -> None:
         cfg = service.cfg
         self.svc = service
         self.step = float(cfg.step)
         self.lead_in = lead_in_points(service.vae_config)
-        self.chunk_points = chunk_points
-        self.max_score_points = (cfg.query_max_score_points if max_score_points is None
-                                 else max_score_points)
-        self.timeout = cfg.query_timeout if timeout is None else timeout
-        self.settle = max(settle, float(cfg.poll_delay))
-        self.cache = ScoreCache(cfg.query_cache_values if cache_values is None else cache_values)
+        self.chunk_points = CHUNK_POINTS
+        self.max_score_points = cfg.query_max_score_points
+        self.timeout = cfg.query_timeout
+        self.settle = max(SETTLE, float(cfg.poll_delay))
+        self.cache = ScoreCache(cfg.query_cache_values)
         self._gone: OrderedDict[str, SeriesState] = OrderedDict()  # vanished, model loaded
-        self.score_fn = score_fn or getattr(service.poller, "score_fn", score_many)
+        self._gone_lock = threading.Lock()  # _gone is shared by concurrent queries
+        self.score_fn = getattr(service.poller, "score_fn", score_many)
         self._exprs = {q.name: q.expr for q in service.queries}
         self._score_lock = threading.Lock()  # one on-demand scoring pass at a time
         self.passes = 0  # scoring passes run (tests read it to see the cache work)
@@ -137,10 +128,11 @@ class OnDemandScorer:
         with self.svc.registry.lock:
             states = self.svc.registry.all()
             gone = dict(self.svc.registry.vanished)
-        for sid in [sid for sid in self._gone if sid not in gone]:  # back, or deleted
-            del self._gone[sid]
-        for sid, info in gone.items():
-            s = self._gone.get(sid)
+        with self._gone_lock:
+            for sid in [sid for sid in self._gone if sid not in gone]:  # back, or deleted
+                del self._gone[sid]
+            loaded = [self._gone.get(sid) for sid in gone]
+        for (sid, info), s in zip(gone.items(), loaded):
             if s is None:
                 query, labels = str(info["query"]), dict(info["labels"])
                 s = SeriesState(id=sid, query=query, labels=labels,
@@ -153,8 +145,9 @@ class OnDemandScorer:
         registry = self.svc.registry
         for s in states:
             if s.model is not None or registry.get(s.id) is s:
-                if s.id in self._gone:
-                    self._gone.move_to_end(s.id)
+                with self._gone_lock:
+                    if s.id in self._gone:
+                        self._gone.move_to_end(s.id)
                 continue
             try:
                 s.model = self.svc.store.load(s.id)
@@ -163,9 +156,10 @@ class OnDemandScorer:
                             s.exposed, e)
                 continue
             s.state = READY
-            self._gone[s.id] = s
-            while len(self._gone) > GONE_MODELS:
-                self._gone.popitem(last=False)
+            with self._gone_lock:
+                self._gone[s.id] = s
+                while len(self._gone) > GONE_MODELS:
+                    self._gone.popitem(last=False)
 
     def rows(self, states: Sequence[SeriesState], g0: float, g1: float,
              deadline: float = math.inf) -> dict[str, dict]:
@@ -234,19 +228,18 @@ class OnDemandScorer:
                     continue
                 for f in RESULT_FIELDS:
                     dest[f][a - base:b - base] = part[f][a - first:b - first]
-            self._overlay(dest, recent, g0, n)
+            if len(recent.get("timestamp", ())):  # the live points (what /metrics exposed)
+                self._place(dest, recent["timestamp"], recent, g0, n)
         return out
 
-    def _overlay(self, dest: dict[str, np.ndarray], recent: Mapping[str, np.ndarray],
-                 g0: float, n: int) -> None:
-        """Write the live poller's scored points (what /metrics exposed) over the range."""
-        ts = recent.get("timestamp")
-        if ts is None or not len(ts):
-            return
+    def _place(self, dest: dict[str, np.ndarray], ts: np.ndarray,
+               values: Mapping[str, np.ndarray], g0: float, n: int) -> None:
+        """Write the scored points at `ts` into `dest`'s grid g0, g0+step, ... (n points);
+        unscored points (NaN score) are left out in every field, as on /metrics."""
         idx = np.rint((ts - g0) / self.step).astype(np.int64)
-        ok = (idx >= 0) & (idx < n) & np.isfinite(recent["score"])
+        ok = (idx >= 0) & (idx < n) & np.isfinite(values["score"])
         for f in RESULT_FIELDS:
-            dest[f][idx[ok]] = recent[f][ok]
+            dest[f][idx[ok]] = values[f][ok]
 
     def _check(self, deadline: float, doing: str) -> None:
         if time.monotonic() > deadline:
@@ -312,13 +305,8 @@ class OnDemandScorer:
         out: dict[str, dict[int, Chunk]] = {s.id: {} for s, _ in todo}
         for (s, model), res in zip(owners, results):
             grid = {f: np.full(n_chunks * c, np.nan) for f in RESULT_FIELDS}
-            idx = np.rint((res.timestamps - lo) / step).astype(np.int64)
-            ok = (idx >= 0) & (idx < n_chunks * c)
-            for f in RESULT_FIELDS:
-                grid[f][idx[ok]] = getattr(res, f)[ok]
-            unscored = np.isnan(grid["score"])  # absent in every field, as on /metrics
-            for f in RESULT_FIELDS:
-                grid[f][unscored] = np.nan
+            self._place(grid, res.timestamps, {f: getattr(res, f) for f in RESULT_FIELDS},
+                        lo, n_chunks * c)
             for j in range(n_chunks):
                 k = k_lo + j
                 part = {f: grid[f][j * c:(j + 1) * c] for f in RESULT_FIELDS}
@@ -356,16 +344,15 @@ class Session:
     def load(self, series: Sequence[Mapping[str, str]], start: float, end: float) -> np.ndarray:
         step = self.step
         g0 = grid_start(start, step)
-        g1 = math.floor(end / step + 1e-9) * step
+        g1 = grid_floor(end, step)
         n = math.floor((g1 - g0) / step + 1e-9) + 1 if g1 >= g0 else 0
         refs = [self._refs[tuple(sorted(lab.items()))] for lab in series]
         states = list({s.id: s for s, _ in refs}.values())
         started = time.monotonic()
-        rows = self.scorer.rows(states, g0, g1, self.deadline) if n else {}
+        rows = self.scorer.rows(states, g0, g1, self.deadline)  # (0,) rows if n == 0
         log.debug("loaded %d series x %d points in %.3f s", len(states), n,
                   time.monotonic() - started)
         out = np.full((len(series), n), np.nan)
         for i, (s, field) in enumerate(refs):
-            if n:
-                out[i] = rows[s.id][field]
+            out[i] = rows[s.id][field]
         return out

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, describe, load_config
+from .webconfig import load_web_config
 
 log = logging.getLogger("promvae")
 
@@ -81,8 +82,6 @@ def _check_config(path: str, web_config_file: str | None = None) -> int:
         return 1
     print(f"{path}: OK ({describe(cfg)})")
     if cfg.web_config_file:
-        from .webconfig import load_web_config
-
         print(f"{cfg.web_config_file}: OK ({load_web_config(cfg.web_config_file).describe()})")
     for q in cfg.queries:
         print(f"  query {q.name}: {q.expr}")

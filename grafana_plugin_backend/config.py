@@ -371,8 +371,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     if cfg.web_config_file:
         from .webconfig import load_web_config
 
-        try:
-            load_web_config(cfg.web_config_file)
+        try:  # quietly: the app loads it again to use it, and warns then
+            load_web_config(cfg.web_config_file, warn=False)
         except ConfigError as e:
             errors.extend(f"web_config_file {cfg.web_config_file}: {m}" for m in e.errors)
     if cfg.log_level.lower() not in _LOG_LEVELS:
@@ -401,6 +401,19 @@ def _validate_model(cfg: Config, errors: list[str]) -> dict[str, Any]:
     return model
 
 
+def read_yaml_mapping(path: str | Path, source: str) -> dict[str, Any]:
+    """The top-level mapping of YAML file `path` ({} if empty); ConfigError naming `source`."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError([f"cannot read {path}: {e.strerror}"], source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(["top level must be a mapping of keys"], source)
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults < YAML file < PROMVAE_* environment < `overrides` (dotted keys, from flags)."""
@@ -410,16 +423,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     source = "config"
     if path is not None:
         source = f"config file {path}"
-        try:
-            text = Path(path).read_text()
-            loaded = yaml.safe_load(text)
-        except OSError as e:
-            raise ConfigError([f"cannot read {path}: {e.strerror}"], source) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([f"not valid YAML: {e}"], source) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(["top level must be a mapping of keys"], source)
-        raw = loaded or {}
+        raw = read_yaml_mapping(path, source)
     names = _env_names(Config)
     model_keys = None
     for env, value in environ.items():

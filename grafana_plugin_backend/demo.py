@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import QueryConfig
-from .promclient import RangeSeries
+from .promclient import RangeSeries, grid_points
 
 DAY = 86400.0
 WEEK = 7 * DAY
@@ -172,7 +172,7 @@ class DemoSource:
         end = min(end, self._clock())
         if end < start:
             return []
-        grid = start + step * np.arange(math.floor((end - start) / step + 1e-9) + 1)
+        grid = start + step * np.arange(grid_points(start, end, step))
         grid = grid[grid >= self.t0 - HISTORY]
         if len(grid) == 0:
             return []

@@ -114,12 +114,17 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def grid_points(start: float, end: float, step: float) -> int:
+    """Points of the grid start, start + step, ... up to `end` inclusive (float-tolerant)."""
+    return math.floor((end - start) / step + 1e-9) + 1
+
+
 def chunk_ranges(start: float, end: float, step: float,
                  max_points: int = MAX_POINTS) -> list[tuple[float, float]]:
     """Split the grid start..end (inclusive) into ranges of at most `max_points` points."""
     if end < start:
         return []
-    n = math.floor((end - start) / step + 1e-9) + 1
+    n = grid_points(start, end, step)
     out = []
     for first in range(0, n, max_points):
         last = min(first + max_points, n) - 1
@@ -240,7 +245,7 @@ class PrometheusSource:
             try:
                 parts.append(self._query_chunk(expr, s, e, step))
             except SourceError as err:
-                n = math.floor((e - s) / step + 1e-9) + 1
+                n = grid_points(s, e, step)
                 if err.reason != "too_large" or n < 2:
                     raise
                 log.info("answer for %d points per series too large; asking for %d", n, n // 2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -111,15 +111,18 @@ class LabelMatcher:
     name: str
     op: str
     value: str
+    # Compiled once (a bad regex fails here): matches() runs per series on every query.
+    _re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.op in ("=~", "!~"):
+            object.__setattr__(self, "_re", _regex(self.value))
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         v = labels.get(self.name, "")
-        if self.op == "=":
-            return v == self.value
-        if self.op == "!=":
-            return v != self.value
-        hit = _regex(self.value).fullmatch(v) is not None
-        return hit if self.op == "=~" else not hit
+        if self._re is None:
+            return (v == self.value) == (self.op == "=")
+        return (self._re.fullmatch(v) is not None) == (self.op == "=~")
 
 
 _OPS = ((pp.MatchOp.Equal, "="), (pp.MatchOp.NotEqual, "!="), (pp.MatchOp.Re, "=~"),
@@ -135,10 +138,7 @@ def selector_matchers(sel: pp.VectorSelector) -> list[LabelMatcher]:
         op = next((text for kind, text in _OPS if m.op == kind), None)
         if op is None:
             raise unsupported(f"matcher {m}")
-        out.append(LabelMatcher(m.name, op, m.value))
-    for m in out:
-        if m.op in ("=~", "!~"):
-            _regex(m.value)  # a bad regex is the client's mistake: bad_data before any work
+        out.append(LabelMatcher(m.name, op, m.value))  # a bad regex: bad_data before any work
     return out
 
 
@@ -418,16 +418,7 @@ class Evaluator:
             return self._topk(v, a, k.astype(np.int64), op == "topk")
         if op not in _AGG:
             raise unsupported(f"aggregation {op}()")
-        by = a.modifier is None or a.modifier.type == pp.AggModifierType.By
-        names = set(a.modifier.labels) if a.modifier is not None else set()
-        groups: dict[tuple, list[int]] = {}
-        glabels: dict[tuple, dict[str, str]] = {}
-        for i, lab in enumerate(v.labels):
-            g = {k: val for k, val in lab.items()
-                 if (k in names if by else k not in names and k != "__name__")}
-            key = tuple(sorted(g.items()))
-            groups.setdefault(key, []).append(i)
-            glabels[key] = g
+        groups, glabels = _groups(v, a)
         out_l, out_v = [], []
         for key, rows in groups.items():
             x = v.values[rows]
@@ -448,21 +439,30 @@ class Evaluator:
         return Vector(out_l, values)
 
     def _topk(self, v: Vector, a: pp.AggregateExpr, k: np.ndarray, top: bool) -> Vector:
-        by = a.modifier is None or a.modifier.type == pp.AggModifierType.By
-        names = set(a.modifier.labels) if a.modifier is not None else set()
-        groups: dict[tuple, list[int]] = {}
-        for i, lab in enumerate(v.labels):
-            key = tuple(sorted((n, val) for n, val in lab.items()
-                               if (n in names if by else n not in names and n != "__name__")))
-            groups.setdefault(key, []).append(i)
         out = np.full(v.values.shape, np.nan)
-        for rows in groups.values():
+        for rows in _groups(v, a)[0].values():
             x = v.values[rows]
             key = np.where(np.isnan(x), np.inf, -x if top else x)  # absent sorts last
             rank = np.argsort(np.argsort(key, axis=0, kind="stable"), axis=0)
             chosen = (rank < k[None, :]) & np.isfinite(x)
             out[rows] = np.where(chosen, x, np.nan)
         return Vector([dict(lab) for lab in v.labels], out)
+
+
+def _groups(v: Vector, a: pp.AggregateExpr,
+            ) -> tuple[dict[tuple, list[int]], dict[tuple, dict[str, str]]]:
+    """Rows of `v` per group of the aggregation's by/without clause, and each group's labels."""
+    by = a.modifier is None or a.modifier.type == pp.AggModifierType.By
+    names = set(a.modifier.labels) if a.modifier is not None else set()
+    groups: dict[tuple, list[int]] = {}
+    glabels: dict[tuple, dict[str, str]] = {}
+    for i, lab in enumerate(v.labels):
+        g = {k: val for k, val in lab.items()
+             if (k in names if by else k not in names and k != "__name__")}
+        key = tuple(sorted(g.items()))
+        groups.setdefault(key, []).append(i)
+        glabels[key] = g
+    return groups, glabels
 
 
 def _drop_name(labels: Mapping[str, str]) -> dict[str, str]:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import Counter
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .backfill import OnDemandScorer
 from .config import parse_duration
+from .exposition import ANOMALY_METRICS
+from .promclient import MAX_POINTS
 from .promql import (
     ALL_METRICS,
     Matrix,
@@ -33,18 +36,9 @@ from .promql import (
 
 log = logging.getLogger(__name__)
 
-MAX_POINTS = 11_000  # per series, as Prometheus refuses more
 MAX_ABS_TIME = 9.2e15  # seconds: Prometheus' timestamps are int64 milliseconds
 API_VERSION = "2.53.0"  # the Prometheus HTTP API level answered (buildinfo "version")
-HELP = {
-    "anomaly_score": "Anomaly score normalised by the learned threshold: 1.0 = at threshold, "
-                     "above 1 = anomalous.",
-    "anomaly_flag": "1 while the series is judged anomalous (score >= 1, debounced).",
-    "anomaly_expected": "Expected value of the source series, in its own units.",
-    "anomaly_lower": "Lower edge of the expected band, in source units.",
-    "anomaly_upper": "Upper edge of the expected band, in source units.",
-    "anomaly_observed": "The source value the score was computed on.",
-}
+HELP = {name: doc for name, (_, doc) in ANOMALY_METRICS.items()}  # as /metrics has them
 
 bp = Blueprint("query_api", __name__)
 
@@ -52,9 +46,9 @@ bp = Blueprint("query_api", __name__)
 class QueryAPI:
     """Per-app state of the query API: the on-demand scorer and the error counter."""
 
-    def __init__(self, service: Any, **scorer_kwargs: Any) -> None:
+    def __init__(self, service: Any) -> None:
         self.service = service
-        self.scorer = OnDemandScorer(service, **scorer_kwargs)
+        self.scorer = OnDemandScorer(service)
         # Queries beyond the limit wait in their own server thread (as Prometheus'
         # --query.max-concurrency does), leaving the CPU to the ones running.
         self.max_concurrency = service.cfg.query_max_concurrency
@@ -70,9 +64,9 @@ class QueryAPI:
         self.errors = errors
 
 
-def init_app(app: Flask, **scorer_kwargs: Any) -> None:
+def init_app(app: Flask) -> None:
     """Register the blueprint and attach a QueryAPI for the app's service."""
-    app.extensions["promvae_query"] = QueryAPI(app.extensions["promvae"], **scorer_kwargs)
+    app.extensions["promvae_query"] = QueryAPI(app.extensions["promvae"])
     app.register_blueprint(bp)
 
 
@@ -92,7 +86,9 @@ def parse_time(name: str, text: str | None, default: float | None = None) -> flo
         t = float(text)
     except ValueError:
         try:
-            t = datetime.fromisoformat(text.replace("z", "Z")).timestamp()
+            dt = datetime.fromisoformat(text.replace("z", "Z"))  # RFC3339 allows a lower-case z
+            # RFC3339 always has an offset; a time without one is UTC, not the server's zone.
+            t = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
         except ValueError:
             raise QueryError("bad_data", f"invalid parameter {name!r}: cannot parse {text!r} to "
                              "a valid timestamp (use unix seconds or RFC3339)") from None
@@ -119,9 +115,9 @@ def parse_step(text: str | None) -> float:
     return step
 
 
-def _matchers_param() -> list[list]:
-    texts = request.args.getlist("match[]") + request.form.getlist("match[]")
-    return [parse_selector(t) for t in texts]
+def _match_texts() -> list[str]:
+    """The match[] values of the URL and the form body (even of a GET, unlike request.values)."""
+    return request.args.getlist("match[]") + request.form.getlist("match[]")
 
 
 def _now() -> float:
@@ -160,8 +156,6 @@ def _query_error(e: QueryError) -> tuple[Response, int]:
 
 @bp.errorhandler(Exception)
 def _unexpected(e: Exception) -> tuple[Response, int]:
-    from werkzeug.exceptions import HTTPException
-
     if isinstance(e, HTTPException):
         return jsonify(status="error", errorType="bad_data", error=e.description), e.code or 400
     log.exception("query API request %s failed", request.path)
@@ -267,7 +261,7 @@ def _matching_labelsets() -> list[dict[str, str]]:
     for name in ("start", "end"):  # accepted and checked; the series set is the live one
         if request.values.get(name):
             parse_time(name, request.values.get(name))
-    groups = _matchers_param()
+    groups = [parse_selector(t) for t in _match_texts()]
     out = []
     for labels, _ in _api().scorer.labelsets():
         if not groups or any(matches_all(labels, g) for g in groups):
@@ -288,7 +282,7 @@ def label_values(name: str) -> Response:
         raise QueryError("bad_data", f"invalid label name: {name!r}")
     sets = _matching_labelsets()
     values = sorted({lab[name] for lab in sets if name in lab})
-    if name == "__name__" and not request.values.getlist("match[]") and not sets:
+    if name == "__name__" and not _match_texts() and not sets:
         values = sorted(ALL_METRICS)
     limit = _limit()
     return _success(values[:limit] if limit else values)
@@ -296,7 +290,7 @@ def label_values(name: str) -> Response:
 
 @bp.route("/api/v1/series", methods=["GET", "POST"])
 def series() -> Response:
-    if not request.args.getlist("match[]") and not request.form.getlist("match[]"):
+    if not _match_texts():
         raise QueryError("bad_data", "no match[] parameter provided")
     sets = sorted(_matching_labelsets(), key=lambda lab: sorted(lab.items()))
     limit = _limit()

@@ -126,11 +126,11 @@ def make_server(cfg: Config, app: Flask, web: WebConfig | None = None) -> _Serve
     return server
 
 
-def serve(cfg: Config, service: Service | None = None, web_config: WebConfig | None = None) -> int:
+def serve(cfg: Config, service: Service | None = None) -> int:
     """Run promvae until SIGTERM or SIGINT; returns the process exit code."""
     try:
         service = service or Service(cfg)
-        app = create_app(cfg, service=service, web_config=web_config)
+        app = create_app(cfg, service=service)
         web = app.extensions["promvae_web"]
         server = make_server(cfg, app, web)
     except (OSError, ConfigError) as e:
@@ -152,7 +152,7 @@ def serve(cfg: Config, service: Service | None = None, web_config: WebConfig | N
     try:
         service.start()
         log.info("listening on %s://%s:%s (status page /, metrics /metrics%s)",
-                 "https" if web is not None and web.tls else "http",
+                 web.scheme if web is not None else "http",
                  "localhost" if host in ("0.0.0.0", "::") else host, port,
                  "; basic auth required except /-/healthy and /-/ready"
                  if web is not None and web.users else "")

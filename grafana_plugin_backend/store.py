@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from detector import load_model, save_model
+from detector.store import atomic_write
 
 from .state import Registry
 
@@ -84,32 +84,7 @@ class ModelStore:
     def write_index(self, data: dict[str, Any]) -> None:
         """Write the index atomically (temp file, fsync, rename, directory fsync)."""
         blob = json.dumps({"format": INDEX_FORMAT, **data}, separators=(",", ":"))
-        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.index_path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(self.root)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        atomic_write(self.index_path, blob.encode(), prefix=".index.")
 
 
 def index_of(registry: Registry) -> dict[str, Any]:

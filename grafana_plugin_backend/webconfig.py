@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError
+from .config import ConfigError, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +83,20 @@ class WebConfig:
         return ", ".join(parts)
 
 
-def load_web_config(path: str | Path) -> WebConfig:
-    """Parse and check a web config file; ConfigError listing every bad key."""
+def load_web_config(path: str | Path, *, warn: bool = True) -> WebConfig:
+    """Parse and check a web config file; ConfigError listing every bad key.
+
+    Ignored keys are logged as warnings unless `warn` is false (a validation-only pass).
+    """
     source = f"web config file {path}"
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError([f"cannot read {path}: {e.strerror}"], source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], source) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(["top level must be a mapping of keys"], source)
+    raw = read_yaml_mapping(path, source)
     errors: list[str] = []
     for k in raw:
         if k not in ("tls_server_config", "http_server_config", "basic_auth_users"):
             errors.append(f"{k}: unknown key (known: basic_auth_users, http_server_config, "
                           "tls_server_config)")
-    tls = _tls(raw.get("tls_server_config"), errors)
-    headers = _http(raw.get("http_server_config"), errors)
+    tls = _tls(raw.get("tls_server_config"), errors, warn)
+    headers = _http(raw.get("http_server_config"), errors, warn)
     users = _users(raw.get("basic_auth_users"), errors)
     if errors:
         raise ConfigError(errors, source)
@@ -120,7 +112,7 @@ def _mapping(raw: Any, key: str, errors: list[str]) -> Mapping:
     return raw
 
 
-def _tls(raw: Any, errors: list[str]) -> TLSServerConfig | None:
+def _tls(raw: Any, errors: list[str], warn: bool) -> TLSServerConfig | None:
     raw = _mapping(raw, "tls_server_config", errors)
     if not raw:
         return None
@@ -129,7 +121,9 @@ def _tls(raw: Any, errors: list[str]) -> TLSServerConfig | None:
     for k, v in raw.items():
         key = f"tls_server_config.{k}"
         if k in _TLS_IGNORED:
-            log.warning("%s: not supported by promvae, ignored (Python's TLS defaults apply)", key)
+            if warn:
+                log.warning("%s: not supported by promvae, ignored (Python's TLS defaults "
+                            "apply)", key)
         elif k in ("cert", "key", "client_ca"):
             errors.append(f"{key}: inline PEM is not supported; use {k}_file")
         elif k == "client_allowed_sans":
@@ -171,12 +165,13 @@ def _tls(raw: Any, errors: list[str]) -> TLSServerConfig | None:
         return None
     for k in ("cert_file", "key_file", "client_ca_file"):
         path = getattr(cfg, k)
+        if not path:
+            continue
         try:
             with open(path, "rb"):
                 pass
         except OSError as e:
-            if path:
-                errors.append(f"tls_server_config.{k}: cannot read {path!r}: {e.strerror}")
+            errors.append(f"tls_server_config.{k}: cannot read {path!r}: {e.strerror}")
     if len(errors) > n:
         return None
     # OpenSSL's messages name a reason, never key material.
@@ -197,13 +192,14 @@ def _tls(raw: Any, errors: list[str]) -> TLSServerConfig | None:
     return cfg
 
 
-def _http(raw: Any, errors: list[str]) -> dict[str, str]:
+def _http(raw: Any, errors: list[str], warn: bool) -> dict[str, str]:
     raw = _mapping(raw, "http_server_config", errors)
     headers: dict[str, str] = {}
     for k, v in raw.items():
         key = f"http_server_config.{k}"
         if k == "http2":
-            log.warning("%s: ignored, promvae serves HTTP/1.1 only", key)
+            if warn:
+                log.warning("%s: ignored, promvae serves HTTP/1.1 only", key)
         elif k != "headers":
             errors.append(f"{key}: unknown key (known: headers, http2)")
         else:

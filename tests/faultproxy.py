@@ -2,7 +2,7 @@
 
     proxy = FaultProxy(prom.url)      # starts serving on 127.0.0.1:<free port>
     proxy.mode = "reset"              # every following request meets this fault
-    proxy.wait_for_requests("reset")  # until at least one request met it
+    wait_until(lambda: proxy.count("reset") > 0)  # until at least one request met it
 
 Modes: "pass" (forward unchanged), "500" and "503" (Prometheus-shaped error body), "truncate"
 (a well-formed HTTP answer whose JSON body is cut in half), "slow" (answers after
@@ -18,13 +18,15 @@ import json
 import socket
 import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
+
+from tests.promstack import QuietHandler, ServerThread
 
 MODES = ("pass", "500", "503", "truncate", "slow", "reset", "many_series")
 
 
-class FaultProxy:
+class FaultProxy(ServerThread):
     """Threaded HTTP proxy on 127.0.0.1 forwarding to `upstream` unless `mode` says otherwise."""
 
     def __init__(self, upstream: str, slow_seconds: float = 5.0,
@@ -36,10 +38,9 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.counts: dict[str, int] = dict.fromkeys(MODES, 0)
-        self.sent_bytes: dict[str, int] = dict.fromkeys(MODES, 0)
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
@@ -49,19 +50,8 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 owner._handle(self, self.rfile.read(n))
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._serve(Handler)
         self._server.handle_error = lambda request, address: None  # "reset" closes under it
-        self.port = int(self._server.server_port)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def mode(self) -> str:
@@ -79,9 +69,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        super().stop()
 
     # --- request handling -------------------------------------------------------------------
 
@@ -92,20 +80,20 @@ class FaultProxy:
         try:
             if mode in ("500", "503"):
                 err = {"status": "error", "errorType": "internal", "error": "injected fault"}
-                self._send(h, int(mode), json.dumps(err).encode(), mode)
+                self._send(h, int(mode), json.dumps(err).encode())
             elif mode == "many_series":
-                self._send(h, 200, self._many(h.path, body), mode)
+                self._send(h, 200, self._many(h.path, body))
             elif mode == "slow":
                 self._stop.wait(self.slow_seconds)
-                self._send(h, *self._forward(h, body), mode)
+                self._send(h, *self._forward(h, body))
             else:
                 status, payload = self._forward(h, body)
                 if mode == "truncate":
-                    self._send(h, status, payload[: len(payload) // 2], mode)
+                    self._send(h, status, payload[: len(payload) // 2])
                 elif mode == "reset":
                     self._reset(h, status, payload)
                 else:
-                    self._send(h, status, payload, mode)
+                    self._send(h, status, payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up first (e.g. its timeout during "slow")
 
@@ -120,7 +108,7 @@ class FaultProxy:
         finally:
             conn.close()
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: bytes, mode: str) -> None:
+    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
@@ -129,8 +117,6 @@ class FaultProxy:
         h.wfile.write(payload)
         h.wfile.flush()
         h.close_connection = True
-        with self._lock:
-            self.sent_bytes[mode] += len(payload)
 
     def _reset(self, h: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
         """Promise the whole body, send a third of it, then abort the connection with RST."""

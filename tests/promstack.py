@@ -85,7 +85,9 @@ __all__ = [
     "LiveExporter",
     "PrometheusProcess",
     "PromvaeProcess",
+    "QuietHandler",
     "Series",
+    "ServerThread",
     "StackError",
     "WebhookReceiver",
     "backfill",
@@ -94,6 +96,7 @@ __all__ = [
     "start_alertmanager",
     "start_prometheus",
     "wait_until",
+    "wave",
     "webhook_alertmanager_config",
     "write_openmetrics",
 ]
@@ -731,11 +734,33 @@ class PromvaeProcess:
 # in-process HTTP helpers
 
 
-class _ServerThread:
-    """An HTTP server of the test process, serving from a thread until stop() (or `with` ends)."""
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that does not log every request to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep pytest output clean
+
+
+class ServerThread:
+    """An HTTP server of the test process, serving from a thread until stop() (or `with` ends).
+
+    A subclass defines its handler class (usually a QuietHandler) and calls
+    `self._serve(Handler)` in its constructor.
+    """
 
     _server: Any  # a socketserver.BaseServer
     _thread: threading.Thread
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        """Serve `handler` on a free loopback port (`self.port`) from a daemon thread."""
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # daemon handler threads
+        self.port: int = int(self._server.server_port)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -773,7 +798,7 @@ class _LiveCollector:
             yield fam
 
 
-class LiveExporter(_ServerThread):
+class LiveExporter(ServerThread):
     """A scrape target whose gauges the test sets (thread-safe), on a free loopback port."""
 
     def __init__(self) -> None:
@@ -787,10 +812,6 @@ class LiveExporter(_ServerThread):
         # Port 0: the OS picks the port at bind time, so there is no race.
         self._server, self._thread = start_http_server(0, addr="127.0.0.1", registry=self.registry)
         self.port: int = int(self._server.server_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def target(self) -> str:
@@ -858,6 +879,19 @@ class LiveExporter(_ServerThread):
 
 
 SeriesFn = Callable[[np.ndarray], np.ndarray]
+
+
+def wave(level: float, amp: float, seed: int, step: float) -> SeriesFn:
+    """An hourly sine around `level` plus 10 % of `amp` in hashed noise that is constant within
+    each `step`: a pure function of time, so backfilled history and live values agree."""
+
+    def fn(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=float)
+        x = np.sin(np.floor(t / step) * 12.9898 + seed * 78.233) * 43758.5453
+        noise = (x - np.floor(x) - 0.5) * 3.4  # in about [-1.7, 1.7]
+        return level + amp * np.sin(2 * np.pi * t / 3600.0) + 0.1 * amp * noise
+
+    return fn
 
 
 class Feeder:
@@ -939,7 +973,7 @@ def live_prometheus(
             feeder.stop()
 
 
-class WebhookReceiver(_ServerThread):
+class WebhookReceiver(ServerThread):
     """Records Alertmanager webhook POSTs (JSON bodies) on a free loopback port."""
 
     def __init__(self) -> None:
@@ -947,7 +981,7 @@ class WebhookReceiver(_ServerThread):
         self._payloads: list[dict[str, Any]] = []
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
@@ -963,14 +997,7 @@ class WebhookReceiver(_ServerThread):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # keep pytest output clean
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port: int = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._serve(Handler)
 
     @property
     def url(self) -> str:

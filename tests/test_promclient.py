@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -24,9 +22,10 @@ from grafana_plugin_backend.promclient import (
     merge_chunks,
     parse_matrix,
 )
+from tests.promstack import QuietHandler, ServerThread
 
 
-class FakePrometheus:
+class FakePrometheus(ServerThread):
     """A loopback HTTP server answering /api/v1/query_range from a scripted behaviour."""
 
     def __init__(self) -> None:
@@ -34,7 +33,7 @@ class FakePrometheus:
         self.mode = "ok"  # ok | 500 | 400 | badjson | slow
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -69,23 +68,13 @@ class FakePrometheus:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
 @pytest.fixture
 def fake_prom() -> Iterator[FakePrometheus]:
-    srv = FakePrometheus()
-    yield srv
-    srv.stop()
+    with FakePrometheus() as srv:
+        yield srv
 
 
 @given(start=st.integers(0, 10**6), n=st.integers(1, 60_000), step=st.sampled_from([1, 15, 60]),

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 
 from grafana_plugin_backend.config import PrometheusConfig
 from grafana_plugin_backend.promclient import PrometheusSource, SourceError
+from tests.promstack import QuietHandler, ServerThread
 
 LIMIT = 64 * 1024
 
@@ -27,7 +28,7 @@ def matrix(start: float, end: float, step: float) -> bytes:
         {"metric": {"instance": "a"}, "values": values}]}}).encode()
 
 
-class Server:
+class Server(ServerThread):
     """Loopback server whose answer is `answer(params, handler)`; records the params."""
 
     def __init__(self) -> None:
@@ -36,7 +37,7 @@ class Server:
             lambda p, h: None
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 q = {k: float(v[0]) for k, v in parse_qs(urlparse(self.path).query).items()
                      if k in ("start", "end", "step")}
@@ -46,24 +47,13 @@ class Server:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    s = Server()
-    yield s
-    s.stop()
+    with Server() as s:
+        yield s
 
 
 def source(url: str, timeout: float = 5.0) -> PrometheusSource:

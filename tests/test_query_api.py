@@ -527,3 +527,11 @@ def test_an_on_demand_pull_for_one_series_asks_prometheus_for_that_series_only(w
     ok(app.test_client().get("/api/v1/query_range", query_string={
         "query": "anomaly_score", "start": SPIKE - 7200, "end": SPIKE - 3600, "step": 60}))
     assert source.calls[-1][0] == "metric_a"
+
+
+def test_rfc3339_without_an_offset_is_utc_and_a_lower_case_z_is_accepted(client):
+    from grafana_plugin_backend.query_api import parse_time
+
+    assert parse_time("t", "2023-11-14T22:13:20") == 1700000000.0
+    assert parse_time("t", "2023-11-14t22:13:20z") == 1700000000.0
+    assert parse_time("t", "2023-11-14T23:13:20+01:00") == 1700000000.0

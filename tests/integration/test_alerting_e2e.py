@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,12 @@ from tests.promstack import (
     Feeder,
     LiveExporter,
     PromvaeProcess,
+    QuietHandler,
+    ServerThread,
     WebhookReceiver,
     backfill,
     wait_until,
+    wave,
     write_openmetrics,
 )
 
@@ -49,19 +50,10 @@ WINDOW = 8
 CANARY = "canary_value"  # a second query; the proxy can make it fail
 
 
-def wave(level: float, amp: float, seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    def fn(t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t, dtype=float)
-        x = np.sin(np.floor(t / STEP) * 12.9898 + seed * 78.233) * 43758.5453
-        noise = (x - np.floor(x) - 0.5) * 3.4
-        return level + amp * np.sin(2 * np.pi * t / 3600.0) + 0.1 * amp * noise
-    return fn
-
-
 SERIES = {
-    "a": ({"instance": "a", "job": "app"}, wave(100, 10, 1)),  # gets the anomaly
-    "b": ({"instance": "b", "job": "app"}, wave(50, 5, 2)),
-    "c": ({"instance": "c", "job": "app", "device": "sda"}, wave(7, 1, 3)),
+    "a": ({"instance": "a", "job": "app"}, wave(100, 10, 1, STEP)),  # gets the anomaly
+    "b": ({"instance": "b", "job": "app"}, wave(50, 5, 2, STEP)),
+    "c": ({"instance": "c", "job": "app", "device": "sda"}, wave(7, 1, 3, STEP)),
 }
 
 
@@ -89,14 +81,14 @@ def routed_to(webhook_url: str) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-class BreakableProxy:
+class BreakableProxy(ServerThread):
     """An HTTP proxy to Prometheus that answers 422 for queries naming CANARY while broken."""
 
     def __init__(self, upstream: str) -> None:
         self.broken = False
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _forward(self, body: bytes | None) -> None:
                 if proxy.broken and CANARY.encode() in self.path.encode() + (body or b""):
                     status, payload = 422, (b'{"status":"error","errorType":"execution",'
@@ -120,19 +112,7 @@ class BreakableProxy:
             def do_POST(self) -> None:
                 self._forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._serve(Handler)
 
 
 class Promvae(PromvaeProcess):

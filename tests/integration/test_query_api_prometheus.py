@@ -17,7 +17,7 @@ import pytest
 import requests
 from prometheus_api_client import PrometheusConnect
 
-from tests.promstack import PrometheusProcess, PromvaeProcess, backfill, write_openmetrics
+from tests.promstack import PrometheusProcess, PromvaeProcess, backfill, wave, write_openmetrics
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +28,6 @@ MODEL = {"hidden": [16], "latent": 2, "max_steps": 300, "max_epochs": 20, "mc_sa
          "score_scales": [4], "batch_size": 32, "risk": 1e-4}
 INCIDENT_AGO = 14 * 3600.0  # the incident starts this long before the history's end
 INCIDENT_LEN = 600.0
-
-
-def wave(level: float, amp: float, seed: int, t: np.ndarray) -> np.ndarray:
-    x = np.sin(np.floor(t / STEP) * 12.9898 + seed * 78.233) * 43758.5453
-    return level + amp * np.sin(2 * np.pi * t / 3600.0) + 0.1 * amp * (x - np.floor(x) - 0.5) * 3.4
 
 
 class Stack:
@@ -47,11 +42,12 @@ def stack(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[
     end = math.floor((time.time() - 60) / STEP) * STEP
     ts = np.arange(end - 2 * 86400, end + 1, STEP)
     incident = end - INCIDENT_AGO
-    a = wave(100, 10, 1, ts)
+    a, b, c = (wave(level, amp, seed, STEP)(ts) for level, amp, seed in
+               [(100, 10, 1), (50, 5, 2), (7, 1, 3)])
     a[(ts >= incident) & (ts < incident + INCIDENT_LEN)] = 160.0  # six amplitudes up
     items = [(METRIC, {"instance": "a", "job": "app"}, ts, a),
-             (METRIC, {"instance": "b", "job": "app"}, ts, wave(50, 5, 2, ts)),
-             (METRIC, {"instance": "c", "job": "app", "device": "sda"}, ts, wave(7, 1, 3, ts))]
+             (METRIC, {"instance": "b", "job": "app"}, ts, b),
+             (METRIC, {"instance": "c", "job": "app", "device": "sda"}, ts, c)]
     backfill(write_openmetrics(wd / "history.om", items), wd / "prom-data")
     prom = PrometheusProcess(wd / "prometheus", [], data_dir=wd / "prom-data")
     promvae: PromvaeProcess | None = None

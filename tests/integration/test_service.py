@@ -23,6 +23,7 @@ from tests.promstack import (
     Series,
     live_prometheus,
     wait_until,
+    wave,
 )
 
 pytestmark = pytest.mark.integration
@@ -36,28 +37,18 @@ MODEL = {"hidden": [16], "latent": 2, "max_steps": 300, "max_epochs": 20, "mc_sa
          "score_scales": [4], "batch_size": 32, "risk": 1e-4}
 
 
-def noise(seed: int, t: np.ndarray) -> np.ndarray:
-    """Deterministic noise in about [-1.7, 1.7], a function of (seed, time)."""
-    x = np.sin(np.floor(np.asarray(t) / STEP) * 12.9898 + seed * 78.233) * 43758.5453
-    return (x - np.floor(x) - 0.5) * 3.4
-
-
-def wave(level: float, amp: float, seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda t: level + amp * np.sin(2 * np.pi * np.asarray(t) / 3600.0) \
-        + 0.1 * amp * noise(seed, t)
-
-
 SERIES: dict[str, tuple[dict[str, str], Callable[[np.ndarray], np.ndarray]]] = {
-    "a": ({"instance": "a", "job": "app"}, wave(100, 10, 1)),  # gets the injected anomaly
-    "b": ({"instance": "b", "job": "app"}, wave(50, 5, 2)),
-    "c": ({"instance": "c", "job": "app", "device": "sda"}, wave(7, 1, 3)),  # other label names
+    "a": ({"instance": "a", "job": "app"}, wave(100, 10, 1, STEP)),  # gets the injected anomaly
+    "b": ({"instance": "b", "job": "app"}, wave(50, 5, 2, STEP)),
+    # other label names
+    "c": ({"instance": "c", "job": "app", "device": "sda"}, wave(7, 1, 3, STEP)),
     "const": ({"instance": "const", "job": "app"}, lambda t: np.full(np.shape(t), 42.0)),
-    "gappy": ({"instance": "gappy", "job": "app"}, wave(20, 2, 4)),  # 3 h hole in its history
+    "gappy": ({"instance": "gappy", "job": "app"}, wave(20, 2, 4, STEP)),  # 3 h hole in its history
     "nan": ({"instance": "nan", "job": "app"}, lambda t: np.full(np.shape(t), np.nan)),
-    "huge": ({"instance": "huge", "job": "app"}, wave(30, 3, 5)),  # gets a 1e300 sample
-    "vanish": ({"instance": "vanish", "job": "app"}, wave(60, 6, 6)),  # stops mid-run
+    "huge": ({"instance": "huge", "job": "app"}, wave(30, 3, 5, STEP)),  # gets a 1e300 sample
+    "vanish": ({"instance": "vanish", "job": "app"}, wave(60, 6, 6, STEP)),  # stops mid-run
 }
-FRESH = ({"instance": "fresh", "job": "app"}, wave(80, 8, 7))  # appears mid-run, no history
+FRESH = ({"instance": "fresh", "job": "app"}, wave(80, 8, 7, STEP))  # appears mid-run, no history
 
 
 def history(now: float) -> list[Series]:

@@ -54,12 +54,12 @@ def serve(tmp_path: Path) -> Iterator[Callable[[str], Served]]:
     started: list[Served] = []
 
     def start(web_config: str) -> Served:
-        s = Served(tmp_path / f"promvae{len(started)}", web_config)
+        workdir = tmp_path / f"promvae{len(started)}"
+        workdir.mkdir()
+        s = Served(workdir, web_config)
         started.append(s)
         return s
 
-    (tmp_path / "promvae0").mkdir()
-    (tmp_path / "promvae1").mkdir()
     try:
         yield start
     finally:
