@@ -107,7 +107,12 @@ def smooth_scores(raw: np.ndarray, n: int) -> np.ndarray:
     okp = np.concatenate([np.zeros(n - 1, dtype=bool), ok])
     win = np.lib.stride_tricks.sliding_window_view(pad, n)  # (N, n)
     cnt = np.lib.stride_tricks.sliding_window_view(okp, n).sum(1)  # (N,)
-    out = (win / np.maximum(cnt, 1)[:, None]).sum(1)
+    with np.errstate(over="ignore"):
+        out = (win / np.maximum(cnt, 1)[:, None]).sum(1)
+    # A mean of finite scores is finite; only rounding at the edge of float64 (scores near
+    # 1.8e308) can push the sum of the parts past it.
+    big = np.finfo(np.float64).max
+    np.clip(out, -big, big, out=out)
     out[~ok] = np.nan
     return out
 
