@@ -398,7 +398,9 @@ class Evaluator:
                     res = np.where(c == 0, np.nan, res)
             else:
                 hit = _CMP[op](a, c)
-                res = hit.astype(np.float64) if return_bool or vec is None else np.where(hit, a, np.nan)
+                # A filter keeps the vector's own sample, whichever side the scalar is on.
+                res = (hit.astype(np.float64) if return_bool or vec is None
+                       else np.where(hit, vec.values, np.nan))
         if vec is None:
             return res
         res = np.where(np.isnan(vec.values), np.nan, res)  # absent stays absent

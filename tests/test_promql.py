@@ -198,8 +198,19 @@ def test_comparison_with_bool_gives_zero_or_one_without_name(storage):
 
 
 def test_scalar_on_the_left_and_arithmetic(storage):
+    # As in Prometheus: `scalar < vector` filters and keeps the vector's sample values and name.
     v = instant(storage, '1 < anomaly_score')
-    assert {lab["instance"] for lab, r in zip(v.labels, v.values) if np.isfinite(r[0])} == {"c"}
+    got = {lab["instance"]: r[0] for lab, r in zip(v.labels, v.values) if np.isfinite(r[0])}
+    assert got == {"c": 1.5}
+    assert all(lab["__name__"] == "anomaly_score" for lab in v.labels)
+    # the same over a range: the spike of "a" (3.0 at T-120) passes, its 0.5 elsewhere does not
+    r = evaluate(storage, '2 <= anomaly_score{instance="a"}', np.array([T - 180, T - 120, T]), 60.0)
+    assert r.values[0, 1] == 3.0 and np.isnan(r.values[0, [0, 2]]).all()
+    # with bool: 0 or 1 per sample, name dropped, absent stays absent
+    b = by_instance(instant(storage, '1 < bool anomaly_score'))
+    assert b["a"][0] == 0.0 and b["b"][0] == 0.0 and b["c"][0] == 1.0 and np.isnan(b["gap"][0])
+    # a non-commutative operator with the scalar on the left
+    assert instant(storage, '3 - anomaly_score{instance="b"}').values[0, 0] == pytest.approx(2.2)
     w = instant(storage, 'anomaly_score{instance="b"} * 10')
     assert w.values[0, 0] == pytest.approx(8.0) and "__name__" not in w.labels[0]
 
