@@ -99,8 +99,17 @@ def test_right_credentials_open_every_endpoint(client, path):
 
 def test_probes_stay_open(client):
     assert client.get("/-/healthy").status_code == 200
-    assert client.get("/-/ready").status_code in (200, 503)  # not ready yet, but not 401
     assert client.get("/-/healthy", headers=basic("alice", "wrong")).status_code == 200
+    # Nothing polled or loaded yet: not ready (503), and still answered without credentials.
+    for headers in ({}, basic("alice", "wrong")):
+        resp = client.get("/-/ready", headers=headers)
+        assert resp.status_code == 503 and "not ready" in resp.get_data(as_text=True)
+    svc = client.application.extensions["promvae"]
+    svc.trainer.run_once()  # stored models loaded (none)
+    svc.poller.poll_once()  # one successful poll, no series pending training
+    for headers in ({}, basic("alice", "wrong")):
+        resp = client.get("/-/ready", headers=headers)
+        assert resp.status_code == 200 and "Ready" in resp.get_data(as_text=True)
 
 
 def test_no_users_means_no_auth(tmp_path):

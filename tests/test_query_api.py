@@ -147,6 +147,55 @@ def test_instant_query_at_now_agrees_with_metrics(world):
     assert scorer(world).passes == 0  # answered from the live state, nothing rescored
 
 
+def test_on_demand_rescoring_with_the_real_model_matches_the_live_scores(tmp_path):
+    """The live poller scores a few new points at a time; the query API scores whole ranges
+    on demand. With the real model (training and score_many), both must give the same values
+    for the same times, up to the newest point /metrics exposes."""
+    from tests.service_fixtures import seasonal
+
+    clock = FakeClock(T0)
+    source = FakeSource(clock, start=T0 - 12 * HOUR)
+    source.set("metric_a", A, seasonal(level=10.0, seed=1))
+    source.set("metric_a", B, seasonal(level=3.0, noise=0.1, seed=2))
+    cfg = make_config(tmp_path, keep_scores="1h")
+    svc = Service(cfg, source=source, clock=clock)  # real fit_many and score_many
+    app = create_app(cfg, service=svc)
+    svc.poller.poll_once()
+    svc.trainer.run_once()
+    for _ in range(12):  # twelve ticks: live points scored one poll at a time
+        svc.poller.poll_once()
+        clock.advance(60)
+    svc.poller.poll_once()
+    client = app.test_client()
+    fams = {f.name: f for f in text_string_to_metric_families(
+        client.get("/metrics").get_data(as_text=True))}
+    live = {}
+    for inst, labels in (("a", A), ("b", B)):
+        s = svc.registry.get_by_labels("q", labels)
+        live[inst] = {k: v.copy() for k, v in s.recent.items()}
+        assert len(live[inst]["timestamp"]) >= 13 and np.isfinite(live[inst]["score"]).all()
+        s.recent = {}  # forget the live points: the query API must score these times again
+    t0, t1 = (float(live["a"]["timestamp"][0]), float(live["a"]["timestamp"][-1]))
+    assert t1 == clock()
+    passes = app.extensions["promvae_query"].scorer.passes
+    for metric, field in (("anomaly_score", "score"), ("anomaly_expected", "expected"),
+                          ("anomaly_upper", "upper"), ("anomaly_flag", "flag")):
+        data = ok(client.get("/api/v1/query_range", query_string={
+            "query": metric, "start": t0, "end": t1, "step": 60}))
+        got = {r["metric"]["instance"]: r["values"] for r in data["result"]}
+        assert set(got) == {"a", "b"}
+        for inst, rows in got.items():
+            assert [t for t, _ in rows] == list(live[inst]["timestamp"]), (metric, inst)
+            assert np.array([float(v) for _, v in rows]) == pytest.approx(
+                live[inst][field], rel=1e-6, abs=1e-9), (metric, inst)
+        # where the live buffer ends: the newest point, which /metrics exposed
+        exposed = {x.labels["instance"]: x.value for x in fams[metric].samples}
+        now = ok(client.get("/api/v1/query", query_string={"query": metric, "time": t1}))
+        assert {r["metric"]["instance"]: float(r["value"][1]) for r in now["result"]} \
+            == pytest.approx(exposed, rel=1e-6, abs=1e-9), metric
+    assert app.extensions["promvae_query"].scorer.passes > passes  # rescored, not read from the live buffer
+
+
 def test_comparison_and_topk_instant_queries(client):
     t = SPIKE + 60
     hot = ok(client.get("/api/v1/query", query_string={"query": "anomaly_score > 1", "time": t}))
@@ -199,9 +248,14 @@ def test_label_values(client):
 
 def test_metadata_buildinfo_rules_exemplars(client):
     meta = ok(client.get("/api/v1/metadata"))
-    assert meta["anomaly_score"] == [{"type": "gauge", "help": meta["anomaly_score"][0]["help"],
-                                      "unit": ""}]
-    assert len(meta) == 6
+    # The metadata Grafana shows must be what /metrics says of each metric (HELP and TYPE).
+    text = client.get("/metrics").get_data(as_text=True)
+    exposed = {f.name: f for f in text_string_to_metric_families(text)
+               if f.name.startswith("anomaly_")}
+    assert set(meta) == set(exposed) and len(meta) == 6
+    for name, fam in exposed.items():
+        assert meta[name] == [{"type": fam.type, "help": fam.documentation, "unit": ""}], name
+    assert "threshold" in meta["anomaly_score"][0]["help"]
     assert list(ok(client.get("/api/v1/metadata", query_string={"metric": "anomaly_flag"}))) \
         == ["anomaly_flag"]
     info = ok(client.get("/api/v1/status/buildinfo"))
@@ -211,7 +265,14 @@ def test_metadata_buildinfo_rules_exemplars(client):
 
 
 def test_status_page_still_answers(client):
-    assert client.get("/").status_code == 200
+    import html
+
+    # "/" is still the HTML status page of this service's series, not taken by the query API
+    resp = client.get("/")
+    assert resp.status_code == 200 and resp.mimetype == "text/html"
+    page = html.unescape(resp.get_data(as_text=True))
+    assert 'instance="a", job="app"' in page and 'instance="b", job="app"' in page
+    assert "2 series" in page
 
 
 # ---- errors -------------------------------------------------------------------------------
