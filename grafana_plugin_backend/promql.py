@@ -442,13 +442,18 @@ class Evaluator:
 
     def _topk(self, v: Vector, a: pp.AggregateExpr, k: np.ndarray, top: bool) -> Vector:
         out = np.full(v.values.shape, np.nan)
+        order: list[int] = []
         for rows in _groups(v, a)[0].values():
             x = v.values[rows]
             key = np.where(np.isnan(x), np.inf, -x if top else x)  # absent sorts last
-            rank = np.argsort(np.argsort(key, axis=0, kind="stable"), axis=0)
+            by_rank = np.argsort(key, axis=0, kind="stable")
+            rank = np.argsort(by_rank, axis=0)
             chosen = (rank < k[None, :]) & np.isfinite(x)
             out[rows] = np.where(chosen, x, np.nan)
-        return Vector([dict(lab) for lab in v.labels], out)
+            # Prometheus answers an instant topk/bottomk in rank order within each group
+            # (highest first for topk); a range keeps the series order.
+            order += [rows[i] for i in by_rank[:, 0]] if out.shape[1] == 1 else rows
+        return Vector([dict(v.labels[i]) for i in order], out[order])
 
 
 def _groups(v: Vector, a: pp.AggregateExpr,

@@ -246,6 +246,17 @@ def test_topk_and_bottomk_keep_labels(storage):
     assert {lab["instance"] for lab, r in zip(w.labels, w.values) if np.isfinite(r[0])} == {"a"}
 
 
+def test_instant_topk_and_bottomk_come_in_rank_order_as_in_prometheus(storage):
+    def ranked(q: str) -> list[tuple[str, float]]:
+        v = instant(storage, q)
+        return [(lab["instance"], r[0]) for lab, r in zip(v.labels, v.values) if np.isfinite(r[0])]
+
+    assert ranked("topk(3, anomaly_score)") == [("c", 1.5), ("b", 0.8), ("a", 0.5)]
+    assert ranked("bottomk(2, anomaly_score)") == [("a", 0.5), ("b", 0.8)]
+    # per group, groups in the order their first series comes
+    assert ranked("topk(1, anomaly_score) by (job)") == [("b", 0.8), ("c", 1.5)]
+
+
 def test_topk_over_a_range_selects_per_step(storage):
     times = np.array([T - 180, T - 120])
     v = evaluate(storage, "topk(1, anomaly_score{job='x'})", times, 60.0)

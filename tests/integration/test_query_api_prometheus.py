@@ -108,14 +108,55 @@ def test_label_values_and_metric_range_data(stack):
     assert len(values) >= 55 and max(values) > 1
 
 
+def _pairs(result: list[dict]) -> list[tuple[str, float]]:
+    return [(r["metric"]["instance"], float(r["value"][1])) for r in result]
+
+
 def test_topk_and_comparison_during_the_incident(stack):
     at = {"time": stack.incident + 300}
-    top = stack.client.custom_query("topk(3, anomaly_score)", params=at)
-    assert sorted(r["metric"]["instance"] for r in top) == ["a", "b", "c"]
-    assert max(top, key=lambda r: float(r["value"][1]))["metric"]["instance"] == "a"
-    hot = stack.client.custom_query("anomaly_score > 1", params=at)
-    assert "a" in {r["metric"]["instance"] for r in hot}
-    assert all(float(r["value"][1]) > 1 for r in hot)
+    scores = dict(_pairs(stack.client.custom_query("anomaly_score", params=at)))
+    assert set(scores) == {"a", "b", "c"}
+    ranked = sorted(scores, key=scores.__getitem__, reverse=True)
+    assert ranked[0] == "a" and scores["a"] > 1  # the incident
+    # k below the number of series: the k highest, highest first, with their own values
+    top = stack.client.custom_query("topk(2, anomaly_score)", params=at)
+    assert _pairs(top) == [(i, scores[i]) for i in ranked[:2]]
+    assert all(r["metric"]["__name__"] == "anomaly_score" for r in top)
+    bottom = stack.client.custom_query("bottomk(1, anomaly_score)", params=at)
+    assert _pairs(bottom) == [(ranked[-1], scores[ranked[-1]])]
+    # a comparison keeps exactly the series past the threshold, with their values, either side
+    want = {i: v for i, v in scores.items() if v > 1}
+    for q in ("anomaly_score > 1", "1 < anomaly_score"):
+        assert dict(_pairs(stack.client.custom_query(q, params=at))) == want, q
+    assert dict(_pairs(stack.client.custom_query("anomaly_score > bool 1", params=at))) == {
+        i: float(v > 1) for i, v in scores.items()}
+
+
+@pytest.mark.parametrize("form", ["topk(2, {})", "bottomk(2, {})", "bottomk(3, {})",
+                                  "topk(1, {}) by (device)",
+                                  "60 < {}", "{} >= 40", "{} > bool 60", "200 - {}"])
+def test_operators_over_observed_values_answer_as_prometheus_does(stack, form):
+    """anomaly_observed is the source value promvae scored, so the same expression over it and
+    over the source metric in Prometheus itself must give the same series, order and values."""
+    t = stack.incident + 300
+    ours = stack.client.custom_query(form.format(f'anomaly_observed{{anomaly_query="{QUERY}"}}'),
+                                     params={"time": t})
+    theirs = stack.prom.query(form.format(METRIC), t)
+    assert theirs and 0 < len(theirs) <= 3
+
+    def rows(result: list[dict], name: str) -> list[tuple]:
+        out = []
+        for r in result:
+            m = dict(r["metric"])
+            m.pop("anomaly_query", None)
+            named = m.pop("__name__", None)
+            out.append((sorted(m.items()), named == name, float(r["value"][1])))
+        return out
+
+    got, want = rows(ours, "anomaly_observed"), rows(theirs, METRIC)
+    if not form.startswith(("topk", "bottomk")):  # only topk/bottomk promise an order
+        got, want = sorted(got), sorted(want)
+    assert got == want
 
 
 def test_errors_reach_the_client_as_prometheus_errors(stack):
