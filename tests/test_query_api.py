@@ -117,7 +117,8 @@ def test_coarse_steps_keep_a_short_spike_but_observed_is_the_last_value(client):
     assert [float(v) for _, v in score["result"][0]["values"]] == [0.5, 0.5, 2.5, 2.5, 0.5]
     obs = ok(client.get("/api/v1/query_range",
                         query_string={"query": 'anomaly_observed{instance="a"}', **args}))
-    assert [float(v) for _, v in obs["result"][0]["values"]] == [5.0, 5.0, 25.0, 5.0, 5.0]  # value at each time
+    # the value at each time
+    assert [float(v) for _, v in obs["result"][0]["values"]] == [5.0, 5.0, 25.0, 5.0, 5.0]
 
 
 def test_rfc3339_times_and_duration_steps_equal_floats(client):
@@ -193,7 +194,7 @@ def test_on_demand_rescoring_with_the_real_model_matches_the_live_scores(tmp_pat
         now = ok(client.get("/api/v1/query", query_string={"query": metric, "time": t1}))
         assert {r["metric"]["instance"]: float(r["value"][1]) for r in now["result"]} \
             == pytest.approx(exposed, rel=1e-6, abs=1e-9), metric
-    assert app.extensions["promvae_query"].scorer.passes > passes  # rescored, not read from the live buffer
+    assert app.extensions["promvae_query"].scorer.passes > passes  # rescored, not the live buffer
 
 
 def test_comparison_and_topk_instant_queries(client):
