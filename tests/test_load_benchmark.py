@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import time
+
 import numpy as np
 
 from benchmarks import load
@@ -14,12 +18,27 @@ def test_schedule_sends_every_kind_first_and_keeps_the_weights() -> None:
     assert counts == {k: 1 + 10 * w for k, w in load.WEIGHTS.items()}
 
 
-def test_source_values_are_a_pure_function_of_time() -> None:
-    t = 1_700_000_000.0 + 60.0 * np.arange(5)
-    a = load.source_values(np.arange(3), t)
-    assert a.shape == (3, 5)
-    assert np.array_equal(a, load.source_values(np.arange(3), t))
-    assert not np.allclose(a[0], a[1])
+def _answer(n_series: int, start: float, end: float, step: float, t0: float) -> dict:
+    body = json.loads(load.matrix_body(n_series, start, end, step, t0))
+    return {(r["metric"]["instance"], float(t)): float(v)
+            for r in body["data"]["result"] for t, v in r["values"]}
+
+
+def test_the_synthetic_source_answers_each_point_alike_in_every_request() -> None:
+    # A poll's short range, an on-demand pull's long one, another step or series count: the
+    # value of one series at one time must not depend on what else the request asked for,
+    # or on-demand scores in the load run would not match the live ones.
+    t0 = math.floor(time.time() / 60.0) * 60.0 - 600.0
+    long = _answer(5, t0 - 6 * 3600, t0, 60.0, t0)
+    short = _answer(3, t0 - 600, t0 - 300, 60.0, t0)
+    coarse = _answer(2, t0 - 3 * 3600, t0, 300.0, t0 + 600)  # a source started later
+    assert len(long) == 5 * 361 and len(short) == 3 * 6 and len(coarse) == 2 * 37
+    for part in (short, coarse):
+        assert set(part) <= set(long)
+        assert all(long[key] == v for key, v in part.items()), part
+    vals = np.array([[long[(f"host-{i}", t0 - 60.0 * j)] for j in range(361)] for i in range(5)])
+    assert np.ptp(vals, axis=1).min() > 10  # each series moves
+    assert min(np.abs(vals[i] - vals[j]).max() for i in range(5) for j in range(i)) > 1
 
 
 def test_rss_growth_slope() -> None:
