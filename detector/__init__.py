@@ -13,6 +13,7 @@ and, for one series, `Detector(config).fit(values, timestamps)` with `decision_f
 from .backtest import backtest_many, backtest_series, default_train_points
 from .config import VAEConfig, lead_in_points, min_train_points
 from .estimator import Detector
+from .explain import Explanation, explain_window
 from .fitted import SeriesModel
 from .scoring import ScoreResult, score_many
 from .series import Series, regularize
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMAT_VERSION",
     "Detector",
+    "Explanation",
     "InsufficientDataError",
     "ModelFileError",
     "ScoreResult",
@@ -33,6 +35,7 @@ __all__ = [
     "backtest_many",
     "backtest_series",
     "default_train_points",
+    "explain_window",
     "fit_many",
     "lead_in_points",
     "load_model",

@@ -14,6 +14,7 @@ from . import access, query_api
 from .config import Config, describe
 from .demo import QUERIES as DEMO_QUERIES
 from .demo import DemoSource
+from .explain import bp as explain_bp
 from .exposition import bp as exposition_bp
 from .exposition import build_registry
 from .poller import Poller
@@ -135,6 +136,7 @@ def create_app(config: Config, *, service: Service | None = None,
     service.init_app(app)
     app.register_blueprint(exposition_bp)
     app.register_blueprint(status_bp)
+    app.register_blueprint(explain_bp)
     query_api.init_app(app)
     if start_background:
         service.start()

@@ -303,3 +303,16 @@ def test_operators_inside_strings_do_not_count_towards_the_limit(client):
 def test_healthy_after(client):
     assert client.get("/-/healthy").status_code == 200
     check(send(client, "GET", "/api/v1/query", [("query", "1+1"), ("time", "4")]))
+@SETTINGS
+@given(st.none() | SELECTOR | st.text(max_size=30) | st.sampled_from(
+           ['{instance="a"}', 'anomaly_score{instance="b",job="app"}', '{job="app"}',
+            "q-0123456789abcdef", "", "{", "sum(anomaly_score)"]),
+       st.none() | TIME)
+def test_explain(client, series, t):
+    params = [(k, v) for k, v in (("series", series), ("time", t)) if v is not None]
+    body = check(send(client, "GET", "/api/v1/explain", params))
+    if body["status"] == "success":
+        shares = [r[-1] for r in body["data"]["points"]["values"] if r[-1] is not None]
+        assert all(x >= 0 for x in shares) and abs(sum(shares) - 1) < 1e-6
+
+
