@@ -70,8 +70,9 @@ class BasicAuthChecker:
 
 
 def _refuse(status: int, error_type: str, message: str) -> Response:
-    """An error answer: Prometheus-style JSON under /api/, plain text elsewhere."""
-    if request.path.startswith("/api/"):
+    """An error answer: Prometheus-style JSON under /api/, plain text elsewhere (and for
+    remote read, whose clients show a plain-text body)."""
+    if request.path.startswith("/api/") and request.path != "/api/v1/read":
         resp = jsonify(status="error", errorType=error_type, error=message)
     else:
         resp = Response(message + "\n", mimetype="text/plain")

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import access, query_api
+from . import access, query_api, remote_read
 from .config import Config, describe
 from .demo import QUERIES as DEMO_QUERIES
 from .demo import DemoSource
@@ -138,6 +138,7 @@ def create_app(config: Config, *, service: Service | None = None,
     app.register_blueprint(status_bp)
     app.register_blueprint(explain_bp)
     query_api.init_app(app)
+    remote_read.init_app(app)
     if start_background:
         service.start()
     else:
