@@ -321,6 +321,9 @@ def evaluate_scored_part(labels: np.ndarray, scores: np.ndarray) -> dict[str, fl
         "event_f1_10pct": best.f1 if has_windows else math.nan,
         "event_f1_10pct_threshold": best.threshold if has_windows else math.nan,
         "own_flagged_fraction": float(np.mean(s >= OWN_THRESHOLD)) if len(s) else 0.0,
+        # Alarm time: the share of points outside every window that are flagged. A flag that
+        # stays up for weeks is one false-alarm event but a muted alert.
+        "own_quiet_flagged": float(np.mean(s[~y] >= OWN_THRESHOLD)) if (~y).any() else math.nan,
         "own_event_precision": own.precision if has_windows else math.nan,
         "own_event_recall": own.recall if has_windows else math.nan,
         "own_event_f1": own.f1 if has_windows else math.nan,
