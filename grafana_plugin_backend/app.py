@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import access, query_api, remote_read
+from . import access, query_api, remote_read, shard
 from .config import Config, describe
 from .demo import QUERIES as DEMO_QUERIES
 from .demo import DemoSource
@@ -42,6 +42,9 @@ class Service:
         self.clock = clock
         self.vae_config = cfg.vae_config()
         self.registry = Registry(cfg.max_series)
+        self.shard = shard.Shard(cfg.shard.index, cfg.shard.count)
+        if self.shard.count > 1:
+            self.registry.owns = self.shard.owns
         self.metrics_registry, self.metrics = build_registry(self.registry)
         self.store = ModelStore(cfg.storage_path)
         self.ready = threading.Event()
@@ -80,6 +83,14 @@ class Service:
         n = restore(self.registry, self.store.read_index(), self.clock())
         if n:
             log.info("restored %d series from %s", n, self.store.index_path)
+        if self.registry.disowned:  # shard.count changed: their new owners train them
+            log.info("%d series of the previous run belong to other shards now (%s); "
+                     "deleting their models here", len(self.registry.disowned),
+                     self.shard.describe())
+            for sid in self.registry.disowned:
+                self.store.delete(sid)
+            self.registry.disowned.clear()
+            self.persist()
         return n
 
     def start(self) -> None:
@@ -139,6 +150,7 @@ def create_app(config: Config, *, service: Service | None = None,
     app.register_blueprint(explain_bp)
     query_api.init_app(app)
     remote_read.init_app(app)
+    shard.init_app(app, service.shard, service.registry, service.metrics_registry)
     if start_background:
         service.start()
     else:

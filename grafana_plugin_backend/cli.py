@@ -15,7 +15,8 @@ from .webconfig import load_web_config
 log = logging.getLogger("promvae")
 
 _FLAG_KEYS = {"web_listen_address": "listen_address", "storage_path": "storage_path",
-              "log_level": "log_level", "web_config_file": "web_config_file"}
+              "log_level": "log_level", "web_config_file": "web_config_file",
+              "shard_count": "shard.count", "shard_index": "shard.index"}
 
 
 def _setup_logging(level: str) -> None:
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory for models and the series index (default data)")
     s.add_argument("--log.level", dest="log_level", metavar="LEVEL",
                    help="debug, info, warn or error (default info)")
+    s.add_argument("--shard.count", dest="shard_count", metavar="N",
+                   help="spread the series over N instances (default 1)")
+    s.add_argument("--shard.index", dest="shard_index", metavar="I",
+                   help="this instance's shard, 0..N-1 (default: the ordinal of a StatefulSet "
+                        "pod name such as promvae-2, from POD_NAME or the host name)")
 
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("file", metavar="FILE")

@@ -96,6 +96,12 @@ class PrometheusConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    count: int = 1   # instances the series are spread over (each series on exactly one)
+    index: int = -1  # this instance's shard; -1: the ordinal of the pod name (promvae-2 -> 2)
+
+
+@dataclass(frozen=True)
 class QueryConfig:
     name: str
     expr: str
@@ -129,6 +135,7 @@ class Config:
     web_config_file: str = ""          # exporter-toolkit web config: TLS and basic auth users
     web_max_request_bytes: int = 1024 * 1024  # larger request bodies get 413
     log_level: str = "info"
+    shard: ShardConfig = field(default_factory=ShardConfig)
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
 
     @property
@@ -375,6 +382,11 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             load_web_config(cfg.web_config_file, warn=False)
         except ConfigError as e:
             errors.extend(f"web_config_file {cfg.web_config_file}: {m}" for m in e.errors)
+    if cfg.shard.count < 1:
+        errors.append("shard.count: must be at least 1")
+    elif not -1 <= cfg.shard.index < cfg.shard.count:
+        errors.append(f"shard.index: must be -1 (from the pod name) or 0..{cfg.shard.count - 1} "
+                      f"(shard.count {cfg.shard.count}), got {cfg.shard.index}")
     if cfg.log_level.lower() not in _LOG_LEVELS:
         errors.append(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -453,9 +465,29 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     errors.extend(builder.errors)
     cfg = dataclasses.replace(cfg, model=_validate_model(cfg, errors))
     _validate(cfg, errors)
+    cfg = _resolve_shard(cfg, environ, errors)
     if errors:
         raise ConfigError(errors, source)
     return cfg
+
+
+def _resolve_shard(cfg: Config, environ: Mapping[str, str], errors: list[str]) -> Config:
+    """shard.index -1 taken from a StatefulSet pod name (POD_NAME, else the host name)."""
+    count, index = cfg.shard.count, cfg.shard.index
+    if index >= 0 or count < 1 or any(e.startswith("shard.") for e in errors):
+        return cfg
+    if count > 1:
+        from .shard import index_from_environment
+
+        hostname = None if environ is os.environ else environ.get("HOSTNAME", "")
+        index, where = index_from_environment(environ, hostname)
+        if index is None or index >= count:
+            errors.append(f"shard.index: not set and not found in the pod name ({where}"
+                          f"{'' if index is None else f' gives {index}'}); with shard.count "
+                          f"{count} set --shard.index 0..{count - 1} or POD_NAME like promvae-0")
+            return cfg
+        log.info("shard index %d of %d taken from %s", index, count, where)
+    return dataclasses.replace(cfg, shard=ShardConfig(count=count, index=max(index, 0)))
 
 
 def redact_url(url: str) -> str:
@@ -470,4 +502,5 @@ def describe(cfg: Config) -> str:
     return (f"{src}, step {format_duration(cfg.step)}, "
             f"history {format_duration(cfg.history)}, window {cfg.window}, "
             f"poll every {format_duration(cfg.poll_every)}, retrain every "
-            f"{format_duration(cfg.retrain_every)}, storage {cfg.storage_path}")
+            f"{format_duration(cfg.retrain_every)}, storage {cfg.storage_path}"
+            + (f", shard {cfg.shard.index} of {cfg.shard.count}" if cfg.shard.count > 1 else ""))

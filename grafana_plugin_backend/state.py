@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,11 @@ class Registry:
         self.dropped: dict[str, int] = {}
         self.vanished: dict[str, dict[str, Any]] = {}  # id -> {query, labels, vanished_at}
         self.positions: dict[str, float] = {}  # query -> newest timestamp polled
+        # Shards: series for which owns(query, labels) is False belong to another instance;
+        # they are neither kept nor counted as dropped. disowned: ids of the previous run's
+        # index that another shard owns now (shard.count changed).
+        self.owns: Callable[[str, Mapping[str, str]], bool] | None = None
+        self.disowned: list[str] = []
 
     def __len__(self) -> int:
         return len(self._series)
@@ -169,6 +174,8 @@ class Registry:
             s = self._series.get(sid)
             if s is not None:
                 return s
+            if self.owns is not None and not self.owns(query, labels):
+                return None
             exposed = exposed_labels(query, labels)
             ekey = (query, tuple(sorted(exposed.items())))
             if ekey in self._by_exposed:
@@ -188,6 +195,8 @@ class Registry:
                 last_present: float) -> SeriesState | None:
         """Register a series known from the index of a previous run (its model is on disk)."""
         s = self.upsert(query, labels)
+        if s is None and self.owns is not None and not self.owns(query, labels):
+            self.disowned.append(series_id(query, labels))
         if s is not None:
             s.stored = True
             s.scored_to = scored_to

@@ -120,6 +120,11 @@ def restore(registry: Registry, data: dict[str, Any], now: float) -> int:
                 n += 1
         for sid, info in (data.get("vanished") or {}).items():
             if registry.get(sid) is None and isinstance(info, dict):
+                labels = info.get("labels")
+                if registry.owns is not None and not registry.owns(
+                        str(info.get("query", "")), labels if isinstance(labels, dict) else {}):
+                    registry.disowned.append(sid)  # another shard's now
+                    continue
                 registry.vanished[sid] = info
         for q, pos in (data.get("positions") or {}).items():
             if isinstance(pos, (int, float)):
