@@ -1,19 +1,20 @@
-"""Why a window scores what it scores: each point's part in the raw score, and its band.
+"""Why a point scores what it scores: each point's part in the score, and its band.
 
 The raw score of the window ending at t is, per score scale, the mean negative
 log-likelihood (NLL) of the newest n observed points, standardised by that scale's training
-spread and averaged over the scales (see scoring.py). That makes it a weighted sum over the
-window's points: a point in the newest half of a 120-point window counts in both scales, an
-older one only in the whole-window scale. The explanation splits the sum point by point.
+spread and averaged over the scales; the score at t is that raw score averaged over the
+newest `smooth` windows (see scoring.py and threshold.smooth_scores). So the score is a
+weighted sum over the points of those windows: a point counts once per window and scale it
+is in. The explanation splits that sum point by point.
 
-Each point's NLL has a part the observed value cannot change, `0.5 log 2π + log σ` (what
-the point would cost sitting exactly at the decoder's mean), and the surprise on top,
-`0.5 ((x - μ) / σ)²`, averaged over the same latent draws the score uses. A point's `share`
-is its weighted surprise over the window's total, so shares are non-negative, sum to 1 over
-the observed points and name the points that drive the score; `nll` is reported as well.
+Each point's NLL in a window has a part its observed value cannot change,
+`0.5 log 2π + log σ` (what it would cost sitting exactly at the decoder's mean), and the
+surprise on top, `0.5 ((x - μ) / σ)²`, averaged over the same latent draws the score uses.
+A point's `share` is its weighted surprise over the total, so shares are non-negative, sum
+to 1 over the observed points and name the points that drive the score.
 
-The smoothing of raw scores over the newest `smooth` windows is not split: the explanation
-is of the one window ending at t, which is what a user looking at t asks about.
+Per point, expected value and band are those of the window ending at that point: what the
+anomaly_expected, anomaly_lower and anomaly_upper series show at its time.
 """
 
 from __future__ import annotations
@@ -26,25 +27,24 @@ import torch
 
 from . import rng
 from .fitted import SeriesModel
-from .model import LOG_2PI, decode, encode
-from .scoring import cond_features, gather_windows, pack, valid_ends
+from .model import LOG_2PI, decode, encode, stack
+from .scoring import cond_features, gather_windows, pack, score_windows, valid_ends
 from .series import Series
 from .threshold import combine_scales
 
 
 @dataclass
 class Explanation:
-    """One window's points, oldest first, all (W,) arrays.
+    """The points the score at `time` depends on, oldest first, all (P,) arrays.
 
-    observed, nll, weight and share are NaN where a point is missing; the model's
-    expectation (expected, lower, upper) exists for every point, missing ones included.
-
-    observed, expected, lower, upper: source units (expected ± band_k · std, as the
-    anomaly_expected/lower/upper series have them for the newest point).
-    nll: each point's negative log-likelihood (normalised units, mean over latent draws).
-    weight: how much each point's NLL counts in the raw score (the score scales it is in).
-    share: the point's weighted surprise over the window's total (sums to 1 when any).
-    raw: the window's combined raw score (before smoothing); scale_raw its per-scale NLLs.
+    P = window + smooth - 1 points ending at `time` (fewer near the start of the series).
+    observed, nll, weight and share are NaN where a point is missing or in no scored
+    window; expected, lower, upper (source units) are NaN where no window ends at the point.
+    nll: the point's negative log-likelihood (normalised units), mean over the scored
+    windows that hold it. weight: how much its NLL counts in the score.
+    share: its weighted surprise over the total (sums to 1 when any point is surprising).
+    raw: the smoothed raw score at `time` (what the threshold is compared with);
+    windows: how many windows it averages; scale_raw: per-scale NLLs of the newest window.
     """
 
     time: float
@@ -57,6 +57,7 @@ class Explanation:
     lower: np.ndarray
     upper: np.ndarray
     raw: float
+    windows: int
     scale_raw: np.ndarray
 
     def top(self, n: int = 5) -> list[int]:
@@ -66,7 +67,7 @@ class Explanation:
         return [int(i) for i in order if s[i] >= 0]
 
 
-def _window_index(series: Series, t: float, step: float) -> int:
+def _index(series: Series, t: float, step: float) -> int:
     ts = series.timestamps
     if not len(ts):
         raise ValueError("no points to explain: the series is empty")
@@ -77,81 +78,119 @@ def _window_index(series: Series, t: float, step: float) -> int:
     return i
 
 
+def _tail_weights(m: np.ndarray, config, stats) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of each point's NLL in each window's combined raw score, and per-scale tails.
+
+    m (E, W) observed mask -> weights (E, W) and tails (E, S, W) bool. Scale s adds
+    1 / (observed points of its tail x its spread), over the number of scales; an
+    unobserved tail falls back to the whole window, as scoring does.
+    """
+    e, w = m.shape
+    scales = config.score_scales
+    weight = np.zeros((e, w))
+    tails = np.zeros((e, len(scales), w), dtype=bool)
+    for si, n in enumerate(scales):
+        tail = np.zeros((e, w), dtype=bool)
+        tail[:, w - n:] = True
+        tail &= m
+        empty = ~tail.any(1)
+        tail[empty] = m[empty]
+        k = np.maximum(tail.sum(1, keepdims=True), 1)
+        weight += tail / (k * stats[si][1] * len(scales))
+        tails[:, si] = tail
+    return weight, tails
+
+
 @torch.inference_mode()
 def explain_window(model: SeriesModel, series: Series, t: float) -> Explanation:
-    """Explain the window of `model.config.window` points of `series` ending at time `t`.
+    """Explain the score of `series` at time `t` under `model`.
 
-    `series` is on the model's grid (see `regularize`) and holds at least the window before
-    t. ValueError if t is not a point of it, if fewer than a window of points lead up to t,
-    or if the window has too few observed points to be scored (as score_many would leave
-    it NaN).
+    `series` is on the model's grid (see `regularize`); give it `lead_in_points(config)`
+    points before t for the full smoothing (as for score_many), and window - 1 more for
+    the bands of the oldest points. ValueError if t is not a point of it, if fewer than a
+    window of points lead up to t, or if the window ending at t has too few observed points
+    to be scored (score_many leaves its score NaN).
     """
     config = model.config
-    w, big_l = config.window, config.mc_samples
-    e = _window_index(series, t, model.step)
+    w, big_l, n_smooth = config.window, config.mc_samples, config.smooth
+    e = _index(series, t, model.step)
     if e < w - 1:
         raise ValueError(f"{e + 1} points up to time {t:.0f}, a window needs {w}")
-    part = Series(series.timestamps[e - w + 1:e + 1], series.values[e - w + 1:e + 1])
+    span = w + n_smooth - 1  # points the score at t depends on
+    a = max(0, e - span + 1 - (w - 1))  # and the lead-in of the oldest one's own window
+    part = Series(series.timestamps[a:e + 1], series.values[a:e + 1])
     packed = pack([part], [model.center], [model.scale], config.clip, [model.seasonality])
-    if not bool(valid_ends(packed, config)[0, -1]):
-        raise ValueError(f"the window ending at {t:.0f} has {part.observed()} observed points "
-                         f"of {w}, fewer than scoring needs ({config.min_observed:.0%})")
-    ends = torch.tensor([[w - 1]], dtype=torch.int64)
-    x, m, t_end = gather_windows(packed, ends, w)  # (1, 1, W)
+    valid = valid_ends(packed, config)[0].numpy()
+    end = e - a  # t's position in `part`
+    if not valid[end]:
+        raise ValueError(f"the window ending at {t:.0f} has too few observed points to be "
+                         f"scored (needs {config.min_observed:.0%} of {w})")
+    ends = [j for j in range(end, max(end - n_smooth, w - 2), -1) if valid[j]][::-1]
+    idx = torch.tensor([ends], dtype=torch.int64)
+    x, m, t_end = gather_windows(packed, idx, w)  # (1, E, W)
     cond = cond_features(t_end, packed.cond_mask) if config.seasonal else None
     mu_z, std_z = encode(model.params, config, x * m, cond)
-    # The same latent draws as score_windows: keyed by the window's end time.
+    # The same latent draws as score_windows: keyed by each window's end time.
     keys = rng.model_keys([model.seed], rng.SCORE)
     eps = rng.normal(keys, torch.round(t_end).to(torch.int64), (big_l, config.latent))
-    z = (mu_z[:, :, None, :] + std_z[:, :, None, :] * eps).reshape(1, big_l, -1)
+    n_win = len(ends)
+    z = (mu_z[:, :, None, :] + std_z[:, :, None, :] * eps).reshape(1, n_win * big_l, -1)
     cond_l = None if cond is None else cond.repeat_interleave(big_l, dim=1)
-    mu_x, std_x = decode(model.params, config, z, cond_l)  # (1, L, W)
-    mu_x, std_x = mu_x[0].double(), std_x[0].double()  # (L, W)
-    xv = x[0, 0].double()
-    r = (xv[None, :] - mu_x) / std_x
-    surprise = (0.5 * r * r).mean(0)  # (W,)
-    floor = std_x.log().mean(0) + 0.5 * LOG_2PI
-    nll = (surprise + floor).numpy()
-    surprise = surprise.numpy()
-    obs = m[0, 0].numpy().astype(bool)
+    mu_x, std_x = decode(model.params, config, z, cond_l)
+    mu_x = mu_x.reshape(n_win, big_l, w).double()
+    std_x = std_x.reshape(n_win, big_l, w).double()
+    r = (x[0].double()[:, None, :] - mu_x) / std_x
+    surprise = (0.5 * r * r).mean(1).numpy()  # (E, W)
+    nll = surprise + (std_x.log().mean(1) + 0.5 * LOG_2PI).numpy()
+    obs = m[0].numpy().astype(bool)  # (E, W)
 
-    # Weight of each point in the combined raw score (see combine_scales): scale s adds
-    # 1 / (observed points of its tail x its spread), over the number of scales.
     stats = model.scale_stats or [(0.0, 1.0)] * len(config.score_scales)
-    weight = np.zeros(w)
-    scale_raw = np.empty(len(config.score_scales))
-    for si, n in enumerate(config.score_scales):
-        tail = np.zeros(w, dtype=bool)
-        tail[w - n:] = True
-        tail &= obs
-        if not tail.any():  # an unobserved tail falls back to the whole window, as scoring does
-            tail = obs
-        k = max(int(tail.sum()), 1)
-        scale_raw[si] = float(nll[tail].sum() / k)
-        weight[tail] += 1.0 / (k * stats[si][1] * len(config.score_scales))
-    raw = float(combine_scales(scale_raw[None, :], stats)[0])
+    weight, tails = _tail_weights(obs, config, stats)
+    scale_raw = np.array([[nll[k][tails[k, si]].sum() / max(int(tails[k, si].sum()), 1)
+                           for si in range(len(config.score_scales))] for k in range(n_win)])
+    combined = combine_scales(scale_raw, stats)  # (E,) each window's raw score
+    raw = float(np.mean(combined))
 
-    contrib = np.where(obs, weight * surprise, 0.0)
+    # Onto the points: window k covers positions ends[k] - w + 1 .. ends[k] of `part`.
+    first = max(0, end - span + 1)
+    n_pts = end - first + 1
+    contrib, wsum = np.zeros(n_pts), np.zeros(n_pts)
+    nll_sum, nll_cnt = np.zeros(n_pts), np.zeros(n_pts)
+    for k, j in enumerate(ends):
+        pos = np.arange(j - w + 1, j + 1) - first
+        inside = pos >= 0
+        p, o = pos[inside], obs[k][inside]
+        contrib[p] += np.where(o, weight[k][inside] * surprise[k][inside], 0.0) / n_win
+        wsum[p] += np.where(o, weight[k][inside], 0.0) / n_win
+        nll_sum[p] += np.where(o, nll[k][inside], 0.0)
+        nll_cnt[p] += o
+    seen = nll_cnt > 0
     total = float(contrib.sum())
-    share = contrib / total if total > 0 and math.isfinite(total) else np.zeros(w)
+    share = contrib / total if total > 0 and math.isfinite(total) else np.zeros(n_pts)
 
-    mu_n = mu_x.mean(0)
-    sd_n = ((std_x**2).mean(0) + mu_x.var(0, unbiased=False)).sqrt()
-    expected = mu_n.numpy() * model.scale + model.center
-    half = config.band_k * sd_n.numpy() * model.scale
-    missing = ~obs
-    observed = part.values.copy()
-    observed[missing] = np.nan
+    # Bands of the window ending at each point, as score_many has them.
+    pts = np.arange(first, end + 1)
+    ok = valid[pts] & (pts >= w - 1)
+    expected = np.full(n_pts, np.nan)
+    half = np.full(n_pts, np.nan)
+    if ok.any():
+        at = torch.tensor([pts[ok].tolist()], dtype=torch.int64)
+        _, mu, sd = score_windows(stack([model.params]), config, packed, at, [model.seed])
+        expected[ok] = mu[0] * model.scale + model.center
+        half[ok] = config.band_k * sd[0] * model.scale
+    observed = part.values[first:end + 1].copy()
+    observed[~seen] = np.nan
     return Explanation(
-        time=float(part.timestamps[-1]),
-        timestamps=part.timestamps.copy(),
+        time=float(part.timestamps[end]),
+        timestamps=part.timestamps[first:end + 1].copy(),
         observed=observed,
-        nll=np.where(obs, nll, np.nan),
-        weight=np.where(obs, weight, np.nan),
-        share=np.where(obs, share, np.nan),
+        nll=np.where(seen, nll_sum / np.maximum(nll_cnt, 1), np.nan),
+        weight=np.where(seen, wsum, np.nan),
+        share=np.where(seen, share, np.nan),
         expected=expected,
         lower=expected - half,
         upper=expected + half,
         raw=raw,
-        scale_raw=scale_raw,
+        windows=n_win,
+        scale_raw=scale_raw[-1],
     )

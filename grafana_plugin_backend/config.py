@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 log = logging.getLogger(__name__)
+from .units import UNITS
+
 
 ENV_PREFIX = "PROMVAE_"
 
@@ -106,6 +108,7 @@ class QueryConfig:
     name: str
     expr: str
 
+    unit: str = ""  # of the values, for the status page; "" = guessed from the metric names
 
 @dataclass(frozen=True)
 class Config:
@@ -137,6 +140,7 @@ class Config:
     log_level: str = "info"
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
+    grafana_url: str = ""              # links to the drill-down dashboard (status page, alerts)
 
     @property
     def demo(self) -> bool:
@@ -294,7 +298,7 @@ class _Builder:
                 self.errors.append(f"queries[{i}]: must be a mapping with name and expr")
                 continue
             for k in item:
-                if k not in ("name", "expr"):
+                if k not in ("name", "expr", "unit"):
                     self.errors.append(f"queries[{i}].{k}: unknown key")
             name, expr = item.get("name"), item.get("expr")
             if not isinstance(name, str) or not _QUERY_NAME.match(name):
@@ -303,7 +307,12 @@ class _Builder:
             if not isinstance(expr, str) or not expr.strip():
                 self.errors.append(f"queries[{i}].expr: must be a PromQL expression")
                 continue
-            out.append(QueryConfig(name=name, expr=expr.strip()))
+            unit = item.get("unit", "")
+            if unit and unit not in UNITS:
+                self.errors.append(f"queries[{i}].unit: must be one of {', '.join(UNITS)}, "
+                                   f"got {unit!r}")
+                continue
+            out.append(QueryConfig(name=name, expr=expr.strip(), unit=unit or ""))
         return tuple(out)
 
 
@@ -405,6 +414,9 @@ def _validate_model(cfg: Config, errors: list[str]) -> dict[str, Any]:
                 model[k] = _convert(f"model.{k}", v, defaults[k])
             except ValueError as e:
                 errors.append(f"model.{k}: {e}")
+    if cfg.grafana_url and not re.match(r"^https?://[^/\s]+", cfg.grafana_url):
+        errors.append("grafana_url: must start with http:// or https://, "
+                      f"got {redact_url(cfg.grafana_url)!r}")
     if cfg.window >= 2 and not any(e.startswith(("model.", "window:")) for e in errors):
         try:
             dataclasses.replace(cfg, model=model).vae_config()

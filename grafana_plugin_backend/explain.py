@@ -1,6 +1,7 @@
 """GET /api/v1/explain: which points of a series' window drive its anomaly score at a time.
 
-The window's points come from the poller's raw buffer when it holds them (the newest
+The points are those of the `smooth` windows whose raw scores the score at that time
+averages. They come from the poller's raw buffer when it holds them (the newest
 points, what the status page asks about), else from the source, like an on-demand query.
 The score at the time is recomputed with the series' current model from the same points
 (lead-in included), so the explanation and the score always belong to the same model.
@@ -100,7 +101,8 @@ def explain(svc: Any, s: SeriesState, t: float | None = None, top: int = TOP) ->
             raise QueryError("execution", f"series {s.id} has no scored point yet; give 'time'")
         t = newest
     t = grid_floor(t, step)
-    lead = lead_in_points(model.config)
+    # The smoothing's windows, and the window ending at each of their points for its band.
+    lead = lead_in_points(model.config) + model.config.window - 1
     ser = _points(svc, s, t - lead * step, t)
     if not len(ser) or ser.timestamps[-1] < t - 1e-6 * step:
         last = f"; its newest point is {fmt_time(ser.timestamps[-1])}" if len(ser) else ""
@@ -120,6 +122,7 @@ def explain(svc: Any, s: SeriesState, t: float | None = None, top: int = TOP) ->
         "time": fmt_time(t),
         "step": step,
         "window": model.config.window,
+        "windows": ex.windows,
         "score": _num(float(res.score[i])),
         "flag": _num(float(res.flag[i])),
         "raw": _num(ex.raw),

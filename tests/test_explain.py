@@ -69,9 +69,12 @@ def test_newest_point_by_id_matches_the_live_score(svc_app, client):
     assert d["time"] == last["timestamp"]
     assert d["score"] == pytest.approx(last["score"], rel=1e-5, abs=1e-6)
     assert d["series"] == {"id": s.id, "anomaly_query": "q", "labels": s.exposed}
-    assert d["window"] == TINY_WINDOW and d["points"]["fields"][0] == "timestamp"
+    smooth = svc.vae_config.smooth
+    assert d["window"] == TINY_WINDOW and d["windows"] == smooth
+    assert d["points"]["fields"][0] == "timestamp"
     rows = d["points"]["values"]
-    assert len(rows) == TINY_WINDOW and rows[-1][0] == d["time"]
+    assert len(rows) == TINY_WINDOW + smooth - 1 and rows[-1][0] == d["time"]
+    assert all(r[2] is not None for r in rows)  # every point has its band
     shares = [r[6] for r in rows if r[6] is not None]
     assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
     newest = rows[-1]

@@ -93,3 +93,115 @@ def test_html_status_page(app):
     assert "<script>alert" not in html and "&lt;script&gt;" in html
     assert html.index("&lt;script&gt;") < html.index("quiet")  # most anomalous first
     assert 'class="hot"' in html and "1 anomalous now" in html
+
+
+# ---- the HTML pages: filters, drill-down, units, Grafana links ----------------------------
+
+def unit_app(tmp_path, **overrides):
+    clock = FakeClock()
+    queries = [{"name": "mem", "expr": "node_memory_MemAvailable_bytes"},
+               {"name": "cpu", "expr": '1 - avg by (instance) (rate(node_cpu_seconds_total'
+                                       '{mode="idle"}[5m]))'},
+               {"name": "lat", "expr": "some_latency", "unit": "seconds"}]
+    return create_app(make_config(tmp_path, queries=queries, **overrides),
+                      source=FakeSource(clock), clock=clock)
+
+
+def add_history(app, query, labels, observed, score, n=120):
+    """A ready series with n scored points: observed/score are constants or arrays."""
+    svc = app.extensions["promvae"]
+    s = svc.registry.upsert(query, labels)
+    s.state, s.model_origin = READY, "trained"
+    s.model = FakeModel(svc.vae_config, 60.0, T0 - n * 60, T0)
+    t = T0 - 60.0 * np.arange(n)[::-1]
+    obs = np.broadcast_to(np.asarray(observed, dtype=float), (n,)).copy()
+    sc = np.broadcast_to(np.asarray(score, dtype=float), (n,)).copy()
+    s.record({"timestamp": t, "observed": obs, "score": sc, "flag": (sc >= 1).astype(float),
+              "expected": obs * 0.9, "lower": obs * 0.8, "upper": obs * 1.0}, 1000)
+    return s
+
+
+def page(app, path="/", **params):
+    resp = app.test_client().get(path, query_string=params)
+    return resp, resp.get_data(as_text=True)
+
+
+def test_values_are_shown_in_the_unit_of_the_query(tmp_path):
+    app = unit_app(tmp_path)
+    add_history(app, "mem", {"instance": "a"}, 5.093e9, 0.2)
+    add_history(app, "cpu", {"instance": "a"}, 0.4523, 0.3)
+    add_history(app, "lat", {"instance": "a"}, 0.35, 0.4)
+    _, html = page(app)
+    assert "4.74 GiB" in html and "5.093e+09" not in html
+    assert "45.2%" in html and "350 ms" in html
+    assert "4.27 GiB [3.79 GiB, 4.74 GiB]" in html  # expected [lower, upper]
+
+
+def test_filter_and_sort(tmp_path):
+    app = unit_app(tmp_path)
+    add_history(app, "mem", {"instance": "hot-a"}, 1e9, 2.5)
+    add_history(app, "mem", {"instance": "calm-b"}, 1e9, 0.1)
+    add_history(app, "cpu", {"instance": "hot-c"}, 0.5, 1.5)
+    svc = app.extensions["promvae"]
+    svc.registry.upsert("cpu", {"instance": "new-d"})
+    _, html = page(app)
+    assert html.index("hot-a") < html.index("hot-c") < html.index("calm-b") < html.index("new-d")
+    _, html = page(app, state="anomalous")
+    assert "hot-a" in html and "hot-c" in html and "calm-b" not in html and "new-d" not in html
+    assert "2 of 4 series shown" in html and "2 anomalous now" in html
+    _, html = page(app, state="pending")
+    assert "new-d" in html and "hot-a" not in html
+    _, html = page(app, query="mem")
+    assert "hot-a" in html and "calm-b" in html and "hot-c" not in html
+    _, html = page(app, q="CALM")
+    assert "calm-b" in html and "hot-a" not in html
+    _, html = page(app, sort="query")  # cpu before mem, labels in order
+    assert html.index("hot-c") < html.index("new-d") < html.index("calm-b") < html.index("hot-a")
+    _, html = page(app, sort="state")  # pending before ready
+    assert html.index("new-d") < html.index("hot-a")
+    _, html = page(app, state="failed")
+    assert "No series match the filters" in html
+    for bad in ({"sort": "nope"}, {"state": "<b>x</b>"}):
+        resp, text = page(app, **bad)
+        assert resp.status_code == 400 and resp.mimetype == "text/plain" and "unknown" in text
+
+
+def test_series_page_draws_the_chart(tmp_path):
+    app = unit_app(tmp_path)
+    score = np.r_[np.full(100, 0.2), np.full(10, 3.0), np.full(10, 0.2)]
+    s = add_history(app, "mem", {"instance": "a"}, np.linspace(1e9, 2e9, 120), score)
+    _, html = page(app)
+    assert f'href="/series/{s.id}"' in html
+    resp, html = page(app, f"/series/{s.id}")
+    assert resp.status_code == 200 and resp.mimetype == "text/html"
+    svg = html[html.index("<svg"):html.index("</svg>")]
+    for part in ('class="band"', 'class="expected"', 'class="observed"', 'class="score"',
+                 'class="threshold"'):
+        assert part in svg, part
+    assert svg.count('class="flag"') == 2  # one flagged run, shaded in both panels
+    assert "GiB" in svg  # axis ticks in the unit
+    assert "Last 1 h 59 min" in html
+    assert "No explanation" in html  # a FakeModel cannot be explained: said, not a 500
+    resp, _ = page(app, "/series/mem-0000000000000000")
+    assert resp.status_code == 404
+
+
+def test_grafana_links_only_when_configured(tmp_path):
+    app = unit_app(tmp_path / "a")
+    s = add_history(app, "mem", {"instance": "a:9100", "device": "sda"}, 1e9, 0.2)
+    assert "/d/promvae-drilldown" not in page(app)[1]
+    assert "/d/promvae-drilldown" not in page(app, f"/series/{s.id}")[1]
+    app = unit_app(tmp_path / "b", grafana_url="http://grafana.example:3000/")
+    s = add_history(app, "mem", {"instance": "a:9100", "device": "sda"}, 1e9, 0.2)
+    link = ("http://grafana.example:3000/d/promvae-drilldown/promvae-series-drilldown?"
+            "var-anomaly_query=mem&amp;var-label=anomaly_query&amp;var-value=mem&amp;"
+            "var-filters=device%7C%3D%7Csda&amp;var-filters=instance%7C%3D%7Ca%3A9100")
+    assert link in page(app)[1]
+    assert link in page(app, f"/series/{s.id}")[1]
+
+
+def test_bad_grafana_url_is_refused(tmp_path):
+    from grafana_plugin_backend.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grafana_url: must start with http"):
+        make_config(tmp_path, grafana_url="grafana:3000")
