@@ -29,7 +29,9 @@ SOURCE_DS = "prometheus"  # uid of the source Prometheus datasource
 SOURCE_ONLY = {"up"}
 # What Grafana substitutes before sending a query (concrete stand-ins).
 GRAFANA_VARS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h",
-                "__range_s": "3600", "__interval_ms": "60000"}
+                "__range_s": "3600", "__interval_ms": "60000",
+                # the drill-down's series variable: a label set as its query_result regex cuts it
+                "series": 'anomaly_query="value",device="value",instance="value"'}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -43,8 +45,9 @@ def substitute(expr: str) -> str:
 
 
 def label_values_selector(query: str) -> str | None:
-    """The series selector of a `label_values(selector, label)` variable query."""
+    """The PromQL of a `label_values(selector, label)` or `query_result(expr)` variable query."""
     m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", query, re.DOTALL)
+    m = m or re.fullmatch(r"\s*query_result\((.*)\)\s*", query, re.DOTALL)
     return m.group(1) if m else None
 
 
@@ -240,7 +243,7 @@ def test_drilldown_band_threshold_and_flag_annotations():
     (flag,) = [a for a in dash["annotations"]["list"] if a.get("expr")]
     assert re.fullmatch(r"anomaly_flag\{.*\} == 1", flag["expr"])
     names = [v["name"] for v in dash["templating"]["list"]]
-    assert names[:3] == ["datasource", "anomaly_query", "instance"]
+    assert names[:3] == ["datasource", "anomaly_query", "series"]
 
 
 def test_overview_links_to_the_drilldown():
@@ -300,3 +303,68 @@ def test_grafana_rules_mirror_the_prometheus_rules():
 def test_alert_links_name_existing_dashboards():
     for r in prometheus_rules():
         assert r["annotations"]["dashboard_uid"] in UIDS
+
+
+# ------------------------------------------------------------------ drill-down: any label set
+
+@pytest.fixture(scope="module")
+def disk_app(tmp_path_factory):
+    """A real app whose query returns one series per device: instance alone does not tell
+    them apart (node-exporter's disk metrics)."""
+    clock = FakeClock()
+    source = FakeSource(clock, start=T0 - 24 * 3600)
+    for i, device in enumerate(("sda", "sdb", "nvme0n1")):
+        source.set("disk_busy", {"instance": "host:9100", "device": device},
+                   seasonal(seed=i))
+    source.set("disk_busy", {"instance": "other:9100", "device": "sda"}, seasonal(seed=9))
+    cfg = make_config(tmp_path_factory.mktemp("disk"),
+                      queries=[{"name": "disk", "expr": "disk_busy"}])
+    app = create_app(cfg, service=Service(cfg, source=source, clock=clock))
+    svc = app.extensions["promvae"]
+    svc.poller.poll_once()
+    assert svc.trainer.run_once() == 4
+    clock.advance(60)
+    svc.poller.poll_once()
+    return app
+
+
+def grafana_query_result(client, query: str) -> list[str]:
+    """What Grafana's query_result() variable lists: metric{k="v",...} value timestamp_ms,
+    from an instant query, labels in the order of the JSON answer."""
+    body = client.post("/api/v1/query", data={"query": query, "time": str(T0 + 60)}).get_json()
+    out = []
+    for r in body["data"]["result"]:
+        m = dict(r["metric"])
+        name = m.pop("__name__", "")
+        labels = ",".join(f'{k}="{v}"' for k, v in m.items())
+        out.append(f"{name}{{{labels}}} {r['value'][1]} {int(r['value'][0] * 1000)}")
+    return out
+
+
+def test_drilldown_picks_any_series_by_its_labels(disk_app):
+    from grafana_plugin_backend.links import series_selector
+
+    dash = load_dashboard(GRAFANA / "series-drilldown.json")
+    var = {v["name"]: v for v in dash["templating"]["list"]}["series"]
+    assert not var["multi"] and not var["includeAll"]  # panels show one series
+    query = var["query"]["query"].replace("$anomaly_query", "disk")
+    regex = re.compile(var["regex"].strip("/"))
+    client = disk_app.test_client()
+    options = [regex.search(text).group(1)
+               for text in grafana_query_result(client, label_values_selector(query))]
+    assert len(options) == 4 and all('device="' in o for o in options)
+    svc = disk_app.extensions["promvae"]
+    targets = [t["expr"] for p in all_panels(dash["panels"]) for t in p.get("targets", [])]
+    assert targets and all("{$series}" in e for e in targets)
+    for option in options:
+        for expr in targets:
+            body = client.post("/api/v1/query", data={
+                "query": expr.replace("$series", option), "time": str(T0 + 60)}).get_json()
+            assert body["status"] == "success", (expr, body)
+            (r,) = [x for x in body["data"]["result"] if "metric" in x] or [None]
+            assert r is not None, (option, expr)
+        # The links promvae builds (status page, alert annotations) name the option itself.
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', option))
+        s = svc.registry.get_by_labels("disk", {k: v for k, v in labels.items()
+                                                if k != "anomaly_query"})
+        assert s is not None and series_selector(s.exposed) == option

@@ -194,8 +194,8 @@ def test_grafana_links_only_when_configured(tmp_path):
     app = unit_app(tmp_path / "b", grafana_url="http://grafana.example:3000/")
     s = add_history(app, "mem", {"instance": "a:9100", "device": "sda"}, 1e9, 0.2)
     link = ("http://grafana.example:3000/d/promvae-drilldown/promvae-series-drilldown?"
-            "var-anomaly_query=mem&amp;var-label=anomaly_query&amp;var-value=mem&amp;"
-            "var-filters=device%7C%3D%7Csda&amp;var-filters=instance%7C%3D%7Ca%3A9100")
+            "var-anomaly_query=mem&amp;var-series=anomaly_query%3D%22mem%22%2Cdevice%3D%22sda"
+            "%22%2Cinstance%3D%22a%3A9100%22&amp;from=now-6h&amp;to=now")
     assert link in page(app)[1]
     assert link in page(app, f"/series/{s.id}")[1]
 
