@@ -368,3 +368,26 @@ def test_drilldown_picks_any_series_by_its_labels(disk_app):
         s = svc.registry.get_by_labels("disk", {k: v for k, v in labels.items()
                                                 if k != "anomaly_query"})
         assert s is not None and series_selector(s.exposed) == option
+
+
+def test_anomaly_alerts_carry_observed_value_band_and_a_series_link():
+    """Both rule sets: observed, expected and band annotations, and a drill-down link whose
+    Series variable is built from every label (the Prometheus ones are executed by promtool
+    in tests/test_alert_rules.py; Grafana's use the same link template)."""
+    prom = {r["alert"]: r for r in prometheus_rules()}
+    graf = {r["title"]: r for r in grafana_rules()}
+    for title in ("AnomalyDetected", "AnomalyScoreVeryHigh"):
+        p, g = prom[title]["annotations"], graf[title]["annotations"]
+        for notes in (p, g):
+            assert {"observed", "expected", "band", "dashboard"} <= set(notes), title
+            assert "var-series=" in notes["dashboard"] and "range $k, $v := $labels" in \
+                notes["dashboard"], title
+        assert p["dashboard"] == g["dashboard"], title
+        # Grafana: each $values reference is a reduce of the matching anomaly_* query.
+        steps = {d["refId"]: d for d in graf[title]["data"]}
+        for key, metric in (("observed", "anomaly_observed"), ("expected", "anomaly_expected"),
+                            ("band", "anomaly_lower"), ("band", "anomaly_upper")):
+            refs = re.findall(r"\$values\.(\w+)", g[key])
+            assert refs, (title, key)
+            queried = {steps[steps[r]["model"]["expression"]]["model"]["expr"] for r in refs}
+            assert metric in queried, (title, key, queried)

@@ -16,12 +16,14 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
 import requests
 import yaml
 
+from grafana_plugin_backend.links import series_selector
 from tests.promstack import (
     Feeder,
     LiveExporter,
@@ -225,6 +227,19 @@ def test_alert_path_end_to_end(tmp_workdir, promtool_bin, prometheus_factory,
     assert "device" not in labels
     assert "/d/promvae-drilldown/" in alert["annotations"]["dashboard"]
     assert "instance=\"a\"" in alert["annotations"]["description"]
+    # Context for the on-call: observed value, expected value and band read back with all the
+    # series' labels, and a drill-down link opening on exactly this series.
+    notes = alert["annotations"]
+    observed, expected = float(notes["observed"]), float(notes["expected"])
+    lower, upper = (float(x) for x in notes["band"].strip("[]").split(","))
+    assert observed > 100.0 and lower <= expected <= upper and not lower <= observed <= upper, \
+        notes
+    assert f"Observed {notes['observed']}, expected {notes['expected']}" in notes["description"]
+    series = {k: v for k, v in labels.items() if k not in ("alertname", "severity", "component")}
+    link = urlsplit(notes["dashboard"])
+    assert link.path == "/d/promvae-drilldown/promvae-series-drilldown"
+    assert parse_qs(link.query) == {"var-anomaly_query": [QUERY],
+                                    "var-series": [series_selector(series)]}
     # The shipped route: anomaly alerts grouped by query and instance, to the on-call webhook.
     payload = next(p for p in webhook_receiver.payloads()
                    if any(a["labels"]["alertname"] == "AnomalyDetected" for a in p["alerts"]))
