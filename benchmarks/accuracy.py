@@ -173,7 +173,7 @@ def adaptive_promql(timestamps: np.ndarray, values: np.ndarray, train_points: in
     e = np.where(np.isfinite(e), e, -1.0)  # an absent value never fires and resets `for`
     # for: 5m -> the value is outside at every point of the last 5 minutes (at least 2 points).
     step = infer_step(t)
-    span = max(2, int(math.ceil(300.0 / step)) + 1) if step < 300.0 else 2
+    span = max(2, math.ceil(300.0 / step) + 1) if step < 300.0 else 2
     windows = np.lib.stride_tricks.sliding_window_view(np.r_[np.full(span - 1, -1.0), e], span)
     return windows.min(axis=1)
 
@@ -297,22 +297,35 @@ def _parse_scalar(raw: str) -> Any:
     return raw
 
 
-def make_promvae_detectors(overrides: dict[str, Any]) -> dict[str, Detector]:
+def make_promvae_detectors(overrides: dict[str, Any], train_once: bool = False) -> dict[str, Detector]:
     """The promvae columns: name -> detector. Edit the configs here to tweak the benchmark.
 
+    Deployed mode (default) replays the service: daily retrains on the trailing 7 days,
+    streaming calibration, the new-normal policy (detector.deploy, the service's defaults).
+    Each detector also has `.many`, which runs every series in one batched backtest.
     Raises ImportError if the detector package is not available yet.
     """
-    from detector import VAEConfig, backtest_series
+    from detector import VAEConfig, backtest_many
+    from detector.deploy import DEPLOYED
 
+    deployment = None if train_once else DEPLOYED
     configs = {
         "promvae": VAEConfig(**overrides),
         "promvae-noseason": VAEConfig(**{**overrides, "seasonal": False}),
     }
 
     def bind(config: Any) -> Detector:
-        def run(timestamps: np.ndarray, values: np.ndarray, train_points: int) -> np.ndarray:
-            return backtest_series(timestamps, values, train_points, config)
+        def many(items: list[tuple[np.ndarray, np.ndarray, int]]) -> list:
+            return backtest_many(items, config, deployment=deployment,
+                                 log=lambda m: print(f"promvae: {m}", file=sys.stderr))
 
+        def run(timestamps: np.ndarray, values: np.ndarray, train_points: int) -> np.ndarray:
+            (scores,) = many([(timestamps, values, train_points)])
+            if isinstance(scores, Exception):
+                raise scores
+            return scores
+
+        run.many = many  # type: ignore[attr-defined]
         return run
 
     return {name: bind(cfg) for name, cfg in configs.items()}
@@ -329,7 +342,8 @@ def config_description(name: str, overrides: dict[str, Any]) -> str | None:
     return repr(cfg) if not dataclasses.is_dataclass(cfg) else str(dataclasses.asdict(cfg))
 
 
-def build_detectors(names: list[str], overrides: dict[str, Any]) -> dict[str, Detector]:
+def build_detectors(names: list[str], overrides: dict[str, Any],
+                    train_once: bool = False) -> dict[str, Detector]:
     """Resolve detector names; promvae columns are skipped with a warning if unavailable."""
     baselines: dict[str, Detector] = {
         "static-z": static_z,
@@ -346,7 +360,7 @@ def build_detectors(names: list[str], overrides: dict[str, Any]) -> dict[str, De
         elif name in PROMVAE:
             if promvae is None:
                 try:
-                    promvae = make_promvae_detectors(overrides)
+                    promvae = make_promvae_detectors(overrides, train_once)
                 except ImportError as exc:
                     print(f"WARNING: skipping {name}: cannot import detector ({exc})", file=sys.stderr)
                     promvae = {}
@@ -537,7 +551,10 @@ def _json_safe(obj: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="NAB directory (data/, labels/)")
-    p.add_argument("--detectors", default=",".join(BASELINES + PROMVAE), help="comma list")
+    p.add_argument("--detectors", default=",".join(BASELINES + ("promvae",)),
+                   help=f"comma list of {', '.join(BASELINES + PROMVAE)}")
+    p.add_argument("--train-once", action="store_true",
+                   help="promvae trains once on the training part (no retrains, no calibration)")
     p.add_argument("--categories", default=",".join(ALL_CATEGORIES), help="comma list")
     p.add_argument("--limit-series", type=int, default=None, help="first N series per category")
     p.add_argument("--promvae-config", default=None, help="VAEConfig overrides: key=value,...")
@@ -559,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown categories {sorted(unknown)}; choose from {ALL_CATEGORIES}")
     overrides = parse_overrides(args.promvae_config)
-    detectors = build_detectors([d.strip() for d in args.detectors.split(",") if d.strip()], overrides)
+    detectors = build_detectors([d.strip() for d in args.detectors.split(",") if d.strip()], overrides,
+                                args.train_once)
     if not detectors:
         raise SystemExit("no detector to run")
     names = list(detectors)
@@ -570,6 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     causal_failures: list[str] = []
     failures: list[str] = []
     warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
+    # Detectors that batch (promvae) run every series in one backtest: the retrains of all
+    # series are one K axis. Their time is split over the series by length.
+    batched: dict[str, list] = {}
+    for name, detector in detectors.items():
+        if hasattr(detector, "many"):
+            t0 = time.perf_counter()
+            batched[name] = detector.many([(s.timestamps.copy(), s.values.copy(), s.train_points)
+                                           for s in all_series])
+            totals[name] += time.perf_counter() - t0
+    total_n = sum(s.n for s in all_series)
     for i, series in enumerate(all_series, 1):
         row: dict[str, Any] = {
             "series": series.key,
@@ -582,7 +610,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             error = None
             try:
-                scores = run_detector(detector, series)
+                if name in batched:
+                    scores = batched[name][i - 1]
+                    if isinstance(scores, Exception):
+                        raise scores
+                    scores = np.asarray(scores, dtype=np.float64)
+                else:
+                    scores = run_detector(detector, series)
             except Exception as exc:  # a failed series counts against the detector
                 if args.fail_fast:
                     raise
@@ -591,7 +625,10 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{name} on {series.key}: {error}")
                 scores = np.full(series.n, np.nan)
             seconds = time.perf_counter() - t0
-            totals[name] += seconds
+            if name in batched:
+                seconds = totals[name] * series.n / total_n
+            else:
+                totals[name] += seconds
             metrics = evaluate_scored_part(series.scored_labels, scores[series.train_points :])
             metrics["seconds"] = seconds
             metrics["error"] = error
@@ -606,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     print("total seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()), file=sys.stderr)
 
     summary = summarize(results, names)
+    if any(n in PROMVAE for n in names):
+        print("promvae mode: " + ("train once (first model only, its own threshold)" if args.train_once
+              else "deployed (retrain every 24h on the trailing 7d, streaming calibration, "
+                   "new-normal policy after 3h: the service's defaults)"))
     print(format_report(summary, names))
     if failures:
         print("\nDETECTOR FAILURES (scored as all-NaN, i.e. never flagged, and kept in the means):")
@@ -623,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             "protocol": "/work/shared/data/README.md",
             "detectors": names,
             "promvae_overrides": overrides,
+            "promvae_mode": "train-once" if args.train_once else "deployed",
             "promvae_configs": {n: config_description(n, overrides) for n in names if n in PROMVAE},
             "series": results,
             "summary": summary,

@@ -1,4 +1,4 @@
-"""Backtests: train on the head of a series, score all of it causally."""
+"""Backtests: train on the head of a series, score all of it causally, as deployed or once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TextIO
 import numpy as np
 
 from .config import VAEConfig
+from .deploy import DEPLOYED, Deployment, deployed_many
 from .scoring import ScoreResult, score_many
 from .series import Series, regularize
 from .train import fit_many
@@ -48,20 +49,23 @@ def _grid(timestamps: np.ndarray, values: np.ndarray, step: float) -> tuple[Seri
     return Series(pseudo, np.asarray(values, dtype=np.float64)[order]), pos
 
 
-def backtest(timestamps: np.ndarray, values: np.ndarray, train_points: int, config: VAEConfig) -> tuple[ScoreResult, np.ndarray]:
+def backtest(timestamps: np.ndarray, values: np.ndarray, train_points: int, config: VAEConfig,
+             deployment: Deployment | None = DEPLOYED) -> tuple[ScoreResult, np.ndarray]:
     """Train on the first `train_points` input rows, score every row.
 
     Returns the result on the series' regular grid and each input row's position on it.
     """
-    (scores,) = backtest_many([(timestamps, values, train_points)], config, keep_results=True)
+    (scores,) = backtest_many([(timestamps, values, train_points)], config, keep_results=True,
+                              deployment=deployment)
     if isinstance(scores, Exception):
         raise scores
     return scores
 
 
-def backtest_series(timestamps: np.ndarray, values: np.ndarray, train_points: int, config: VAEConfig) -> np.ndarray:
+def backtest_series(timestamps: np.ndarray, values: np.ndarray, train_points: int, config: VAEConfig,
+                    deployment: Deployment | None = DEPLOYED) -> np.ndarray:
     """Normalised anomaly scores (N,) aligned with the input rows; NaN for unscored rows."""
-    (scores,) = backtest_many([(timestamps, values, train_points)], config)
+    (scores,) = backtest_many([(timestamps, values, train_points)], config, deployment=deployment)
     if isinstance(scores, Exception):
         raise scores
     return scores
@@ -72,26 +76,38 @@ def backtest_many(
     config: VAEConfig,
     progress=None,
     keep_results: bool = False,
+    deployment: Deployment | None = DEPLOYED,
+    log: Callable[[str], None] | None = None,
 ) -> list:
-    """`backtest_series` for many series at once: one batched training, one scoring pass.
+    """`backtest_series` for many series at once, in batched trainings and scoring passes.
 
     items: (timestamps, values, train_points) per series. Returns scores aligned with each
     input, or the Exception that kept a series from training. With keep_results, each entry
     is (ScoreResult on the grid, row positions on the grid) instead of scores.
+    deployment: replay the service's retraining and calibration (the default; see
+    detector.deploy). None: train once on the head and score the rest with that model.
     """
-    grids, heads, steps = [], [], []
+    grids, cuts, steps = [], [], []
     for timestamps, values, train_points in items:
         step = infer_step(timestamps)
         grid, pos = _grid(timestamps, values, step)
-        cut = np.sort(pos)[min(len(pos) - 1, max(0, train_points - 1))]
-        keep = np.arange(len(grid)) <= cut
+        cuts.append(int(np.sort(pos)[min(len(pos) - 1, max(0, train_points - 1))]))
         grids.append((grid, pos))
-        heads.append(Series(grid.timestamps[keep], grid.values[keep]))
         steps.append(step)
+    out: list = []
+    if deployment is not None:
+        results = deployed_many([g for g, _ in grids], cuts, steps, config, deployment, progress=log)
+        for (_grid_s, pos), res in zip(grids, results):
+            if isinstance(res, Exception):
+                out.append(res)
+            else:
+                out.append((res.result, pos) if keep_results else res.result.score[pos])
+        return out
+    heads = [Series(g.timestamps[: c + 1], g.values[: c + 1]) for (g, _), c in zip(grids, cuts)]
     models = fit_many(heads, steps, config, progress=progress)
     ok = [i for i, m in enumerate(models) if not isinstance(m, Exception)]
     results = score_many([models[i] for i in ok], [grids[i][0] for i in ok])
-    out: list = list(models)
+    out = list(models)
     for i, res in zip(ok, results):
         pos = grids[i][1]
         out[i] = (res, pos) if keep_results else res.score[pos]
@@ -151,6 +167,7 @@ def run_backtest_csv(
     config: VAEConfig,
     train_points: int | None = None,
     log: Callable[[str], None] = lambda s: None,
+    deployment: Deployment | None = DEPLOYED,
 ) -> list[tuple[str, float, float]]:
     """Backtest a `timestamp,value` CSV; writes `CSV_HEADER` rows, one per input row.
 
@@ -164,9 +181,16 @@ def run_backtest_csv(
     tp = default_train_points(n) if train_points is None else int(train_points)
     if not 0 < tp <= n:
         raise ValueError(f"--train-points must be between 1 and {n} rows, got {tp}")
-    log(f"read {n} rows; training on the first {tp} (window {config.window})")
+    mode = ("train once" if deployment is None else
+            f"deployed: retrain every {deployment.retrain_every / 3600:g} h on "
+            f"{deployment.history / 86400:g} d")
+    log(f"read {n} rows; first model on the first {tp} (window {config.window}; {mode})")
     t0 = time.time()
-    res, pos = backtest(ts, vs, tp, config)
+    (first,) = backtest_many([(ts, vs, tp)], config, keep_results=True, deployment=deployment,
+                             log=log)
+    if isinstance(first, Exception):
+        raise first
+    res, pos = first
     log(f"trained and scored in {time.time() - t0:.1f} s")
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_HEADER)

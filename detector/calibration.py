@@ -1,0 +1,158 @@
+"""Scores that stay calibrated between retrains: a streaming threshold over recent scores.
+
+A model's own threshold is fitted on its training windows. Fresh data scores differently
+(drift, a model retrained on another week), so `anomaly_score >= 1` drifts away from the
+promised risk: on NAB a third of the quiet time was flagged. The calibrator keeps the
+model-normalised scores of recent normal points of one series, across retrains, and refits a
+SPOT threshold on them at every `refit` boundary of the grid (Siffer et al., KDD 2017,
+streaming mode: flagged points do not enter the reference, so an anomaly cannot raise the
+bar it is measured against). The calibrated score is 0 at the reference median and 1 at
+the refitted threshold; the model's own threshold (1.0) stays a floor, so calibration only
+ever makes the flag rarer.
+
+Persistent change becomes the new normal on purpose: a flag that has been up for
+`adapt_after` points is admitted into the reference (and the service retrains the series
+early, see `Calibrator.adapt_due`). A level shift that stays raises an alert when it
+happens, not for weeks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .threshold import spot_threshold
+
+MAX_REFERENCE = 4096  # reference scores kept per series: 32 KB as float64, any step
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the streaming threshold behaves; durations in points of the series' step."""
+
+    span: int = 4032  # reference span: 14 days at 5 minutes
+    min_reference: int = 288  # recent scores needed before the first refit: 1 day at 5 min
+    refit: int = 12  # refit every this many grid points (1 h at 5 min)
+    adapt_after: int = 36  # flagged this long: admitted as the new normal (3 h at 5 min)
+    risk: float = 1e-3
+    init_quantile: float = 0.98
+
+    @classmethod
+    def for_step(cls, step: float, *, span: float = 14 * 86400.0, min_reference: float = 86400.0,
+                 refit: float = 3600.0, adapt_after: float | None = 3 * 3600.0,
+                 risk: float = 1e-3, init_quantile: float = 0.98) -> CalibrationConfig:
+        """Durations in seconds -> points at `step`. adapt_after None: never adapt."""
+        pts = lambda seconds: max(1, round(seconds / step))
+        return cls(span=pts(span), min_reference=pts(min_reference), refit=pts(refit),
+                   adapt_after=0 if adapt_after is None else pts(adapt_after), risk=risk,
+                   init_quantile=init_quantile)
+
+
+@dataclass
+class Calibrator:
+    """Streaming calibration state of one series. Feed model-normalised scores in time order.
+
+    reference: (R,) recent accepted scores, oldest first, decimated so R <= MAX_REFERENCE.
+    """
+
+    config: CalibrationConfig
+    reference: np.ndarray = field(default_factory=lambda: np.empty(0))
+    baseline: float = 0.0
+    threshold: float = 1.0
+    run: int = 0  # points in the current run of flags
+    run_start: float = math.nan  # timestamp where the current run began
+    adaptations: int = 0  # runs admitted as the new normal
+    adapted_at: list = field(default_factory=list)  # timestamps of the admissions
+    adapt_due: bool = False  # set when a run is admitted; the owner clears it (retrain)
+    last_t: float = -math.inf  # newest timestamp fed
+    _pending: list = field(default_factory=list)  # scores of the current run
+    _tick: int = 0  # points fed since the last decimated append
+
+    @property
+    def stride(self) -> int:
+        """Keep every stride-th accepted point, so a long span fits MAX_REFERENCE."""
+        return max(1, math.ceil(self.config.span / MAX_REFERENCE))
+
+    def _accept(self, values: list[float]) -> None:
+        keep = []
+        for v in values:
+            self._tick += 1
+            if self._tick >= self.stride:
+                self._tick = 0
+                keep.append(v)
+        if keep:
+            cap = math.ceil(self.config.span / self.stride)
+            self.reference = np.concatenate([self.reference, keep])[-cap:]
+
+    def _refit(self) -> None:
+        if len(self.reference) * self.stride < self.config.min_reference:
+            return
+        thr, _ = spot_threshold(self.reference, self.config.risk, self.config.init_quantile)
+        base = float(np.median(self.reference))
+        # The model's threshold (1.0) is a floor: fresh scores can make the flag rarer,
+        # never more frequent than the model itself would raise it.
+        self.threshold = max(thr, 1.0)
+        self.baseline = min(base, self.threshold - 1e-6)
+
+    def apply(self, timestamps: np.ndarray, scores: np.ndarray, step: float) -> np.ndarray:
+        """Calibrated scores (N,) for model-normalised `scores` (N,) at `timestamps`.
+
+        Points at or before the newest one fed are returned calibrated but not fed again,
+        so rescoring a point (after a restart) does not count it twice.
+        """
+        t = np.asarray(timestamps, dtype=np.float64)
+        s = np.asarray(scores, dtype=np.float64)
+        out = np.full(len(s), np.nan)
+        refit_every = self.config.refit * step
+        for i in range(len(s)):
+            x = s[i]
+            out[i] = (x - self.baseline) / (self.threshold - self.baseline)
+            if not t[i] > self.last_t:
+                continue
+            self.last_t = t[i]
+            if np.isfinite(x):
+                self._feed(float(x), out[i] >= 1.0, t[i])
+            # Refit on the grid, not per call: the service (one point per poll) and a
+            # backtest (a day at once) then compute the same thresholds.
+            if refit_every > 0 and math.floor(t[i] / refit_every + 1e-9) * refit_every >= t[i] - 1e-6:
+                self._refit()
+        return out
+
+    def _feed(self, x: float, flagged: bool, t: float) -> None:
+        if not flagged:
+            if self._pending:
+                self._pending = []
+            self.run, self.run_start = 0, math.nan
+            self._accept([x])
+            return
+        if self.run == 0:
+            self.run_start = t
+        self.run += 1
+        self._pending.append(x)
+        if self.config.adapt_after and self.run >= self.config.adapt_after:
+            # The change has lasted: it is the new normal. Its scores join the reference
+            # (the threshold rises to it at the next refit) and the owner retrains.
+            self._accept(self._pending)
+            self._pending = []
+            self.run, self.run_start = 0, math.nan
+            self.adaptations += 1
+            self.adapted_at.append(t)
+            self.adapt_due = True
+            self._refit()
+
+    def state(self) -> dict:
+        """JSON-able state (the reference goes separately as an array)."""
+        return {"baseline": self.baseline, "threshold": self.threshold, "run": self.run,
+                "run_start": self.run_start, "adaptations": self.adaptations,
+                "last_t": self.last_t, "tick": self._tick, "pending": list(self._pending)}
+
+    @classmethod
+    def restore(cls, config: CalibrationConfig, reference: np.ndarray, state: dict) -> Calibrator:
+        c = cls(config, np.asarray(reference, dtype=np.float64))
+        c.baseline, c.threshold = float(state["baseline"]), float(state["threshold"])
+        c.run, c.run_start = int(state["run"]), float(state["run_start"])
+        c.adaptations, c.last_t = int(state["adaptations"]), float(state["last_t"])
+        c._tick, c._pending = int(state["tick"]), [float(v) for v in state["pending"]]
+        return c

@@ -1,0 +1,214 @@
+"""Deployed backtests: replay what the service does to a series, retrains and calibration included.
+
+The first model trains on the head of the series. Then, as the service's `retrain_every` and
+`history` say, a model is retrained every `retrain_every` on the trailing `history`, using
+only points before its own time (causal). Each point is scored by the model in force at its
+time, and the model-normalised score goes through the series' `Calibrator` (streaming
+threshold, new-normal policy). A run of flags that is admitted as the new normal also
+retrains the series early, as the service does.
+
+The retrains of all series are independent models, so each round trains them in one
+batched `fit_many` (the K axis). Early retrains depend on the flags of the models before
+them: each round finds, per series, the first early retrain the new flags ask for, and
+trains those together in the next round.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibration import CalibrationConfig, Calibrator
+from .config import VAEConfig, lead_in_points
+from .scoring import ScoreResult, score_many
+from .series import Series
+from .threshold import debounce_flags
+from .train import fit_many
+
+MAX_ROUNDS = 64  # rounds of early retrains; each round needs flags from the one before
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The service's schedule, in seconds: config keys retrain_every, history, adapt_after."""
+
+    retrain_every: float = 86400.0
+    history: float = 7 * 86400.0
+    adapt_after: float | None = 3 * 3600.0  # None: a persistent change is never adopted
+    calibration_span: float = 14 * 86400.0
+    calibrate: bool = True  # False: the model's own threshold only
+
+    def calibration(self, step: float) -> CalibrationConfig:
+        return CalibrationConfig.for_step(step, span=self.calibration_span,
+                                          adapt_after=self.adapt_after)
+
+
+DEPLOYED = Deployment()  # the service's defaults
+
+
+@dataclass
+class DeployedResult:
+    """A ScoreResult on the series' grid plus what the deployment did."""
+
+    result: ScoreResult
+    retrains: list[float]  # times at which a model took over (first model excluded)
+    early: list[float]  # of those, the early retrains the new-normal policy asked for
+    failed: int  # retrains that could not train (the previous model kept serving)
+    adaptations: int
+
+
+def _slice(grid: Series, lo: int, hi: int) -> Series:
+    return Series(grid.timestamps[lo:hi], grid.values[lo:hi])
+
+
+def deployed_many(
+    grids: Sequence[Series],
+    cuts: Sequence[int],
+    steps: Sequence[float],
+    config: VAEConfig,
+    deployment: Deployment = DEPLOYED,
+    progress: Callable[[str], None] | None = None,
+) -> list[DeployedResult | Exception]:
+    """Replay the deployment on each regular `grids[i]`, the first model trained on points
+    [0, cuts[i]]. Returns per series a DeployedResult (every point of the grid) or the
+    Exception that kept its first model from training.
+    """
+    say = progress or (lambda _m: None)
+    lead = lead_in_points(config)
+    n = len(grids)
+    # starts[i]: sorted grid indices where a model takes over; models[i][start] = model or error
+    starts: list[list[int]] = []
+    early: list[set[int]] = [set() for _ in range(n)]
+    for g, cut in zip(grids, cuts):
+        starts.append([cut + 1] + _regular_after(g.timestamps, cut + 1, deployment.retrain_every))
+    models: list[dict[int, object]] = [{} for _ in range(n)]
+    raw_scores: list[dict[int, ScoreResult]] = [{} for _ in range(n)]
+    out: list[DeployedResult | Exception] = [None] * n  # type: ignore[list-item]
+    for rnd in range(MAX_ROUNDS):
+        todo = [(i, j) for i in range(n) for j in starts[i] if j not in models[i]]
+        if todo:
+            train = []
+            for i, j in todo:
+                if j == starts[i][0]:
+                    train.append(_slice(grids[i], 0, j))
+                else:
+                    t = grids[i].timestamps
+                    a = int(np.searchsorted(t, t[j] - deployment.history - 1e-6))
+                    train.append(_slice(grids[i], a, j))
+            say(f"round {rnd + 1}: training {len(todo)} models")
+            fitted = fit_many(train, [steps[i] for i, _ in todo], config)
+            for (i, j), m in zip(todo, fitted):
+                models[i][j] = m
+        # Score every segment whose model or extent changed, each with the model in force.
+        jobs = []
+        for i in range(n):
+            if isinstance(models[i].get(starts[i][0]), Exception):
+                continue
+            for a_pos, j in enumerate(starts[i]):
+                end = starts[i][a_pos + 1] if a_pos + 1 < len(starts[i]) else len(grids[i])
+                mdl = _in_force(models[i], starts[i], a_pos)
+                key = (j, end, id(mdl))
+                if raw_scores[i].get(j, (None,))[0] == key:
+                    continue
+                lo = max(0, (0 if a_pos == 0 else j) - lead)
+                jobs.append((i, j, end, lo, mdl, key))
+        if jobs:
+            res = score_many([jb[4] for jb in jobs], [_slice(grids[jb[0]], jb[3], jb[2]) for jb in jobs])
+            for (i, j, end, lo, _m, key), r in zip(jobs, res):
+                raw_scores[i][j] = (key, lo, r)
+        # Calibrate in time order; collect the early retrains the policy asks for.
+        new = 0
+        for i in range(n):
+            first = models[i].get(starts[i][0])
+            if isinstance(first, Exception):
+                out[i] = first
+                continue
+            res_i, asks = _assemble(grids[i], starts[i], models[i], raw_scores[i], steps[i],
+                                    deployment, config, early[i])
+            out[i] = res_i
+            for j in asks:
+                # Regular retrains stay where they were: the service schedules them on a
+                # fixed grid of retrain_every per series (see `retrain_due`), not from the
+                # newest training.
+                bisect.insort(starts[i], j)
+                early[i].add(j)
+                new += 1
+        if not new:
+            break
+        say(f"round {rnd + 1}: {new} early retrains asked for by the new-normal policy")
+    return out
+
+
+def retrain_due(trained_at: float, now: float, every: float, phase: float) -> bool:
+    """True once a retrain slot (phase + k * every) has passed since the model was trained.
+
+    Slots on a fixed grid per series keep early retrains from moving the schedule, and a
+    per-series phase spreads a fleet's retrains over the interval.
+    """
+    if not every > 0:
+        return False
+    slot = phase + math.floor((now - phase) / every + 1e-9) * every
+    return trained_at < slot <= now
+
+
+def _regular_after(t: np.ndarray, j0: int, every: float) -> list[int]:
+    """Grid indices of the regular retrains after a model took over at index j0."""
+    out: list[int] = []
+    if j0 >= len(t):
+        return out
+    k = 1
+    while True:
+        j = int(np.searchsorted(t, t[j0] + k * every - 1e-6))
+        if j >= len(t):
+            return out
+        if j > (out[-1] if out else j0):
+            out.append(j)
+        k += 1
+
+
+def _in_force(models: dict[int, object], starts: list[int], a_pos: int):
+    """The model serving segment a_pos: its own, or the newest earlier one that trained."""
+    for b in range(a_pos, -1, -1):
+        m = models.get(starts[b])
+        if m is not None and not isinstance(m, Exception):
+            return m
+    return models[starts[0]]
+
+
+def _assemble(grid, starts, models, raw_scores, step, deployment, config, early):
+    n = len(grid)
+    fields = {k: np.full(n, np.nan) for k in ("raw", "score", "expected", "lower", "upper")}
+    for a_pos, j in enumerate(starts):
+        _key, lo, r = raw_scores[j]
+        a = 0 if a_pos == 0 else j
+        end = starts[a_pos + 1] if a_pos + 1 < len(starts) else n
+        sl = slice(a - lo, end - lo)
+        for k, arr in fields.items():
+            arr[a:end] = getattr(r, k)[sl]
+    cut = starts[0]
+    asks: list[int] = []
+    adaptations = 0
+    if deployment.calibrate and cut < n:
+        cal = Calibrator(deployment.calibration(step))
+        t = grid.timestamps
+        fields["score"][cut:] = cal.apply(t[cut:], fields["score"][cut:], step)
+        adaptations = cal.adaptations
+        # Only the first new early retrain is certain: every flag after it depends on it.
+        idx = np.searchsorted(t, np.asarray(cal.adapted_at), side="right")
+        fresh = [int(j) for j in idx if j < n and int(j) not in models]
+        asks = fresh[:1]
+    ok = np.isfinite(fields["score"])
+    result = ScoreResult(
+        timestamps=grid.timestamps.copy(), observed=grid.values.copy(), raw=fields["raw"],
+        score=fields["score"], flag=debounce_flags(fields["score"], config.debounce),
+        expected=np.where(ok, fields["expected"], np.nan), lower=fields["lower"],
+        upper=fields["upper"],
+    )
+    failed = sum(isinstance(models.get(j), Exception) for j in starts[1:])
+    retrain_times = [float(grid.timestamps[j]) for j in starts[1:] if j < n]
+    early_times = [float(grid.timestamps[j]) for j in sorted(early) if j < n]
+    return DeployedResult(result, retrain_times, early_times, failed, adaptations), asks
