@@ -375,7 +375,9 @@ class Evaluator:
         g0, grid = self._grid(series, float(times.min()) - rng, float(times.max()))
         lo, hi = _window_indices(times, rng, g0, self.storage.step, grid.shape[1])
         vals = window_reduce(grid, lo, hi, _OVER_TIME[name])
-        return Vector([_drop_name(lab) for lab in series], vals)
+        # Prometheus keeps the metric name of last_over_time (its samples are the series' own).
+        keep = name == "last_over_time"
+        return Vector([dict(lab) if keep else _drop_name(lab) for lab in series], vals)
 
     # operators
     def binary(self, b: pp.BinaryExpr) -> Value:

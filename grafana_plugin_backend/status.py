@@ -37,8 +37,9 @@ def _iso(t: float | None) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def model_status(s: SeriesState) -> dict[str, Any]:
-    """One series' entry in GET /api/v1/status/models (call under the registry lock)."""
+def model_status(s: SeriesState, first: FirstScore | None = None) -> dict[str, Any]:
+    """One series' entry in GET /api/v1/status/models (call under the registry lock);
+    `first`: when a series without scores gets its first (see progress.py)."""
     m, last = s.model, s.last_result()
     return {
         "id": s.id,
@@ -60,6 +61,9 @@ def model_status(s: SeriesState) -> dict[str, Any]:
         "observed_points": s.observed_estimate,
         "train_failures": s.train_failures,
         "last_error": s.last_error or None,
+        "first_score": None if first is None else {
+            "observed_points": first.observed, "needed_points": first.needed,
+            "expected_at": _num(first.expected_at), "text": first.text},
     }
 
 
@@ -74,10 +78,25 @@ def healthy() -> Response:
 
 @bp.get("/-/ready")
 def ready() -> tuple[Response, int]:
-    if current_app.extensions["promvae"].is_ready():
-        return Response("promvae is Ready.\n", mimetype="text/plain"), 200
-    return Response("promvae is not ready: loading or training the first models.\n",
-                    mimetype="text/plain"), 503
+    """Ready: stored models are loaded and every known series has had its first training
+    attempt. Ready with 0 models means promvae works and waits for history: the second line
+    says how many series are scored and when the first of the others will be."""
+    svc = current_app.extensions["promvae"]
+    if not svc.is_ready():
+        return Response("promvae is not ready: loading or training the first models.\n",
+                        mimetype="text/plain"), 503
+    now = svc.clock()
+    with svc.registry.lock:
+        series = svc.registry.all()
+        firsts = [f for f in (first_score_of(svc, s, now) for s in series) if f is not None]
+    line = f"{len(series) - len(firsts)} of {len(series)} series scored"
+    soonest = min((f.expected_at for f in firsts if math.isfinite(f.expected_at)), default=None)
+    if firsts:
+        line += f"; {len(firsts)} waiting"
+        if soonest is not None:
+            line += f", the next first score in {human_wait(soonest - now)}"
+        line += " (see /api/v1/status/models)"
+    return Response(f"promvae is Ready.\n{line}.\n", mimetype="text/plain"), 200
 
 
 @bp.get("/api/v1/openapi.yaml")
@@ -92,8 +111,9 @@ def models() -> Response:
     svc = current_app.extensions["promvae"]
     query = request.args.get("anomaly_query")
     state = request.args.get("state")
+    now = svc.clock()
     with svc.registry.lock:
-        data = [model_status(s) for s in svc.registry.all()
+        data = [model_status(s, first_score_of(svc, s, now)) for s in svc.registry.all()
                 if (query is None or s.query == query) and (state is None or s.state == state)]
     return jsonify(status="success", data=data)
 
@@ -105,7 +125,7 @@ def model(sid: str) -> Response | tuple[Response, int]:
         s = svc.registry.get(sid)
         if s is None:
             return _error(404, "not_found", f"no live series with id {sid!r}")
-        data = model_status(s)
+        data = model_status(s, first_score_of(svc, s, svc.clock()))
         recent = {k: v.copy() for k, v in s.recent.items()}
     names = ("timestamp", "observed", "score", "flag", "expected", "lower", "upper")
     n = len(recent.get("timestamp", []))

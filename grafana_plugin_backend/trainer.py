@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from detector import (
 from .config import Config, QueryConfig, format_duration
 from .exposition import SelfMetrics
 from .poller import grid_floor
+from .progress import human_wait
 from .promclient import Source, SourceError
 from .state import FAILED, INSUFFICIENT, PENDING, READY, Registry, SeriesState, series_id
 from .store import ModelStore, collect_garbage
@@ -126,7 +128,11 @@ class Trainer:
             return s.observed_estimate >= self.min_points or retry
         if s.state == FAILED:
             return retry
-        return retry and now - s.model.trained_at >= self.cfg.retrain_every
+        if s.adapt_requested:
+            return True  # a change that stays: learn it now, not at the next slot
+        # Early retrains do not move the schedule (as detector.deploy replays it).
+        since = s.regular_at if math.isfinite(s.regular_at) else s.model.trained_at
+        return retry and now - since >= self.cfg.retrain_every
 
     def run_once(self) -> int:
         """Load new stored models, then train every due series in one batch; returns models fit."""
@@ -145,8 +151,12 @@ class Trainer:
             self._after_batch(started, 0, len(data))
             return 0
         n_new = sum(1 for s, _ in fit if s.model is None)
-        log.info("training %d series (%d new, %d retraining) on %s of history",
-                 len(fit), n_new, len(fit) - n_new, _human(self.cfg.history))
+        n_early = sum(1 for s, _ in fit if s.adapt_requested and s.model is not None)
+        if n_early:
+            log.info("retraining %d series early: a change that stays is their new normal", n_early)
+        log.info("training %d series (%d new, %d retraining) on %s of history (history %s)",
+                 len(fit), n_new, len(fit) - n_new, _spans([ser for _, ser in fit], self.step),
+                 _human(self.cfg.history))
         self.metrics.training_batch.set(len(fit))
         self.metrics.training_progress.set(0.0)
         try:
@@ -165,7 +175,8 @@ class Trainer:
         for (s, ser), res in zip(fit, results):
             if isinstance(res, Exception):
                 reason = "insufficient_data" if isinstance(res, InsufficientDataError) else "fit"
-                self.metrics.training_errors.labels(reason).inc()
+                if reason == "fit":  # too little data is waiting, not an error
+                    self.metrics.training_errors.labels(reason).inc()
                 log.warning("training %s %s failed (%s): %s", s.query, s.exposed, reason, res)
                 self._failed(s, str(res), insufficient=reason == "insufficient_data")
                 continue
@@ -211,11 +222,14 @@ class Trainer:
             s.last_attempt = self.clock()
         if observed >= self.min_points:
             return True
-        self.metrics.training_errors.labels("insufficient_data").inc()
-        self._failed(s, f"{observed} observed points in {_human(self.cfg.history)} of history, "
-                        f"need {self.min_points}", insufficient=True)
-        log.info("series %s %s: %d observed points, need %d; waiting for more data",
-                 s.query, s.exposed, observed, self.min_points)
+        # Waiting for data is not an error: no error counted, no last_error kept (it would go
+        # stale as points arrive); the status API and page compute the progress live.
+        self._failed(s, "", insufficient=True)
+        wait = (self.min_points - observed) * self.step
+        log.info("series %s %s: %d of %d observed points needed (%s of history so far); first "
+                 "score in %s, at %s", s.query, s.exposed, observed, self.min_points,
+                 _spans([ser], self.step), human_wait(wait),
+                 datetime.fromtimestamp(self.clock() + wait, tz=UTC).strftime("%H:%M UTC"))
         return False
 
     def _failed(self, s: SeriesState, error: str, insufficient: bool = False) -> None:
@@ -238,6 +252,9 @@ class Trainer:
         self.metrics.models_trained.inc()
         with self.registry.lock:
             first = s.model is None
+            if not s.adapt_requested:
+                s.regular_at = self.clock()
+            s.adapt_requested = False
             s.model, s.state, s.model_origin = model, READY, "trained"
             s.stored = s.stored or stored
             s.last_error = ""
@@ -275,3 +292,16 @@ class Trainer:
 
 def _human(seconds: float) -> str:
     return format_duration(seconds)
+
+
+def _spans(series: Sequence[Series], step: float) -> str:
+    """The history the series really hold, first observed point to last: "23 min", "2 h to 7 d"."""
+    spans = []
+    for ser in series:
+        obs = ser.timestamps[np.isfinite(ser.values)]
+        spans.append(float(obs[-1] - obs[0]) + step if len(obs) else 0.0)
+    if not spans:
+        return "no"
+    lo, hi = (human_wait(x).removeprefix("about ") if x > 0 else "0 s"
+              for x in (min(spans), max(spans)))
+    return lo if lo == hi else f"{lo} to {hi}"

@@ -205,3 +205,39 @@ def test_bad_grafana_url_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="grafana_url: must start with http"):
         make_config(tmp_path, grafana_url="grafana:3000")
+
+
+def test_first_score_is_computed_live_for_waiting_series(tmp_path):
+    """A fresh Prometheus: status API, page and /-/ready say when the first score comes, from
+    the series' current count of points (not a message written at the last attempt)."""
+    app = unit_app(tmp_path)
+    svc = app.extensions["promvae"]
+    need = svc.trainer.min_points
+    s = svc.registry.upsert("mem", {"instance": "new"})
+    s.state, s.last_attempt, s.observed_estimate = "insufficient_data", T0 - 600, 13
+    add_history(app, "cpu", {"instance": "old"}, 0.5, 0.2)
+    client = app.test_client()
+
+    def entry():
+        data = client.get("/api/v1/status/models").get_json()["data"]
+        return {e["labels"]["instance"]: e for e in data}
+
+    first = entry()["new"]["first_score"]
+    assert first["observed_points"] == 13 and first["needed_points"] == need
+    assert first["expected_at"] == T0 + (need - 13) * 60
+    assert f"13 of {need} observed points; first score in about" in first["text"]
+    assert entry()["old"]["first_score"] is None  # scored already
+    s.add_points(T0 + 60.0 * np.arange(1, 11), np.ones(10))  # ten polls later
+    first = entry()["new"]["first_score"]
+    assert first["observed_points"] == 23 and first["expected_at"] == T0 + (need - 23) * 60
+    detail = client.get(f"/api/v1/status/models/{s.id}").get_json()["data"]
+    assert detail["first_score"]["observed_points"] == 23
+    html = page(app)[1]
+    assert f"23 of {need} observed points; first score in about" in html
+    assert f"23 of {need} observed points" in page(app, f"/series/{s.id}")[1]
+    svc.trainer.loaded_once, svc.poller.polls_ok = True, 1
+    body = client.get("/-/ready").get_data(as_text=True)
+    wait = (need - 23) * 60
+    assert body.startswith("promvae is Ready.\n1 of 2 series scored; 1 waiting, the next "
+                           "first score in about "), body
+    assert f"{wait // 3600} h" in body or f"{wait // 60} min" in body

@@ -82,19 +82,29 @@ def test_all_nan_series_is_insufficient_data_and_not_fitted(tmp_path):
     assert rig.fit.calls == [1]
     nan = rig.registry.get_by_labels("q", {"i": "nan"})
     assert nan.state == INSUFFICIENT and nan.model is None
-    assert "need" in nan.last_error
-    assert rig.sample("promvae_training_errors_total", reason="insufficient_data") == 1
+    assert nan.last_error == ""  # waiting for data is not an error ...
+    assert rig.sample("promvae_training_errors_total", reason="insufficient_data") == 0
     assert rig.trainer.run_once() == 0  # not retried while nothing changes
 
 
-def test_insufficient_series_trains_once_enough_points_arrived(tmp_path):
+def test_insufficient_series_trains_once_enough_points_arrived(tmp_path, caplog):
+    """A fresh Prometheus: the log says how much history there really is, how many points
+    are missing and when the first score comes; nothing is counted as an error."""
     rig = Rig(tmp_path)
     need = min_train_points(rig.vae)
     start = T0 - (need - 10) * 60
     rig.add({"i": "young"}, lambda t: np.where(t >= start, 5.0 + np.sin(t), np.nan))
-    rig.trainer.run_once()
+    rig.add({"i": "old"}, seasonal())
+    with caplog.at_level(logging.INFO, logger="grafana_plugin_backend.trainer"):
+        rig.trainer.run_once()
     s = rig.registry.get_by_labels("q", {"i": "young"})
-    assert s.state == INSUFFICIENT
+    have = need - 9  # from `start` to T0, both included
+    assert s.state == INSUFFICIENT and s.last_error == "" and s.observed_estimate == have
+    assert (f"{have} of {need} observed points needed ({have} min of history so far); "
+            "first score in about 9 min, at 00:09 UTC") in caplog.text
+    assert "training 1 series (1 new, 0 retraining) on 12 h of history (history 12h)" \
+        in caplog.text  # the old series' real span, not just the configured history
+    assert rig.sample("promvae_training_errors_total", reason="insufficient_data") == 0
     rig.clock.advance(20 * 60)
     s.add_points(np.arange(T0 + 60, T0 + 1260, 60.0), np.ones(20))  # what the poller would do
     assert rig.trainer.run_once() == 1
