@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -21,11 +22,20 @@ from .poller import Poller
 from .promclient import PrometheusSource, Source
 from .state import PENDING, READY, Registry
 from .status import bp as status_bp
-from .store import ModelStore, index_of, restore
+from .store import (
+    CALIBRATION_FILE,
+    ModelStore,
+    index_of,
+    read_calibration,
+    restore,
+    write_calibration,
+)
 from .trainer import Trainer
 from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SAVE_EVERY = 300.0  # seconds between writes of the streaming thresholds
 
 
 class Service:
@@ -52,6 +62,7 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._persist_lock = threading.Lock()
+        self._calibration_saved = -math.inf
         self._opened = False
         extra: dict[str, Any] = {} if score_fn is None else {"score_fn": score_fn}
         self.poller = Poller(cfg, self.queries, source, self.registry, self.metrics,
@@ -61,6 +72,7 @@ class Service:
                                self.vae_config, clock=clock, persist=self.persist,
                                on_trained=self.poller.wake, **extra)
         self.poller.on_new_series = self.trainer.wake
+        self.poller.on_adapt = self.trainer.wake
 
     def init_app(self, app: Flask) -> None:
         app.extensions["promvae"] = self
@@ -83,6 +95,9 @@ class Service:
         n = restore(self.registry, self.store.read_index(), self.clock())
         if n:
             log.info("restored %d series from %s", n, self.store.index_path)
+            c = read_calibration(self.registry, self.store.root / CALIBRATION_FILE,
+                                 self.poller.calibration)
+            log.info("restored the streaming thresholds of %d series", c)
         if self.registry.disowned:  # shard.count changed: their new owners train them
             log.info("%d series of the previous run belong to other shards now (%s); "
                      "deleting their models here", len(self.registry.disowned),
@@ -117,17 +132,27 @@ class Service:
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 log.warning("%s did not stop within %.0f s", t.name, timeout)
-        self.persist()
+        self.persist(final=True)
         self.source.close()
 
-    def persist(self) -> None:
-        """Write the series index (labels, positions); a failure is logged and counted."""
+    def persist(self, final: bool = False) -> None:
+        """Write the series index (labels, positions) and, every CALIBRATION_SAVE_EVERY
+        seconds and at stop, the streaming thresholds; a failure is logged and counted."""
         with self._persist_lock:
             try:
                 self.store.write_index(index_of(self.registry))
             except OSError as e:
                 self.metrics.training_errors.labels("save").inc()
                 log.error("cannot write the series index %s: %s", self.store.index_path, e)
+            now = time.monotonic()
+            if final or now - self._calibration_saved >= CALIBRATION_SAVE_EVERY:
+                self._calibration_saved = now
+                path = self.store.root / CALIBRATION_FILE
+                try:
+                    write_calibration(self.registry, path)
+                except OSError as e:
+                    self.metrics.training_errors.labels("save").inc()
+                    log.error("cannot write the streaming thresholds %s: %s", path, e)
 
 
 def create_app(config: Config, *, service: Service | None = None,

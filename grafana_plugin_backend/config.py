@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any
 
 import yaml
 
-log = logging.getLogger(__name__)
 from .units import UNITS
 
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "PROMVAE_"
 
@@ -107,8 +108,8 @@ class ShardConfig:
 class QueryConfig:
     name: str
     expr: str
-
     unit: str = ""  # of the values, for the status page; "" = guessed from the metric names
+
 
 @dataclass(frozen=True)
 class Config:
@@ -118,6 +119,10 @@ class Config:
     window: int = 120                  # points per VAE window
     poll_every: float = 60.0
     retrain_every: float = 86400.0
+    # A flag up this long is a change that stays: it becomes the new normal (its scores join
+    # the calibration reference) and the series retrains early. 0 turns the policy off.
+    adapt_after: float = 3 * 3600.0
+    calibration_span: float = 14 * 86400.0  # recent normal scores the threshold is refitted on
     queries: tuple[QueryConfig, ...] = ()
     max_series: int = 1000             # cardinality cap over all queries
     series_ttl: float = 900.0          # a series absent this long leaves /metrics
@@ -139,8 +144,8 @@ class Config:
     web_max_request_bytes: int = 1024 * 1024  # larger request bodies get 413
     log_level: str = "info"
     shard: ShardConfig = field(default_factory=ShardConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
     grafana_url: str = ""              # links to the drill-down dashboard (status page, alerts)
+    model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
 
     @property
     def demo(self) -> bool:
@@ -162,9 +167,18 @@ class Config:
 
         return VAEConfig(**{**self.model, "window": self.window})
 
+    def deployment(self) -> Any:
+        """The retraining and calibration policy, for the service and its backtests alike."""
+        from detector.deploy import Deployment
+
+        return Deployment(retrain_every=self.retrain_every, history=self.history,
+                          adapt_after=self.adapt_after or None,
+                          calibration_span=self.calibration_span)
+
 
 # Keys that take a duration; every other scalar is converted by its default's type.
-_DURATIONS = {"step", "history", "poll_every", "retrain_every", "series_ttl", "model_retention",
+_DURATIONS = {"step", "history", "poll_every", "retrain_every", "adapt_after", "calibration_span",
+              "series_ttl", "model_retention",
               "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout"}
 _SECRETS = {"prometheus.basic_auth.password"}
 _YAML_KEYS = {"queries", "prometheus.headers", "model"}  # env values parsed as YAML
@@ -316,6 +330,27 @@ class _Builder:
         return tuple(out)
 
 
+def _tls_file_errors(tls: TLSConfig) -> list[str]:
+    """Load the CA and the client pair as the TLS library will, so a readable file holding no
+    certificate (or a key of another certificate) is refused at start, not at the first poll."""
+    out: list[str] = []
+    if tls.ca_file and os.access(tls.ca_file, os.R_OK):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, ValueError, OSError) as e:
+            out.append(f"prometheus.tls_config.ca_file: {tls.ca_file!r} holds no PEM "
+                       f"certificate ({e})")
+    pair = (tls.cert_file, tls.key_file)
+    if all(pair) and all(os.access(f, os.R_OK) for f in pair):
+        try:  # the password callback keeps OpenSSL from prompting for an encrypted key
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(*pair, password=lambda: b"")
+        except (ssl.SSLError, ValueError, OSError) as e:
+            out.append(f"prometheus.tls_config: cert_file {tls.cert_file!r} and key_file "
+                       f"{tls.key_file!r} must be a PEM certificate and its unencrypted PEM "
+                       f"private key ({e})")
+    return out
+
+
 def _validate(cfg: Config, errors: list[str]) -> None:
     """Cross-field checks; appends one sentence per bad key."""
     p = cfg.prometheus
@@ -338,6 +373,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{key}: cannot read file {path!r}")
     if bool(p.tls_config.cert_file) != bool(p.tls_config.key_file):
         errors.append("prometheus.tls_config: cert_file and key_file go together")
+    errors.extend(_tls_file_errors(p.tls_config))
     if p.basic_auth.password and p.basic_auth.password_file:
         errors.append("prometheus.basic_auth: set password or password_file, not both")
     if p.method.upper() not in ("GET", "POST"):
@@ -355,7 +391,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     elif cfg.step >= 1 and cfg.history < cfg.window * cfg.step:
         errors.append(f"history: {format_duration(cfg.history)} holds fewer points than one "
                       f"window ({cfg.window} x {format_duration(cfg.step)})")
-    for key in ("poll_every", "retrain_every", "series_ttl"):
+    for key in ("poll_every", "retrain_every", "series_ttl", "calibration_span"):
         if getattr(cfg, key) <= 0:
             errors.append(f"{key}: must be positive")
     if cfg.torch_threads < 0:
@@ -391,6 +427,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             load_web_config(cfg.web_config_file, warn=False)
         except ConfigError as e:
             errors.extend(f"web_config_file {cfg.web_config_file}: {m}" for m in e.errors)
+    if cfg.grafana_url and not re.match(r"^https?://[^/\s]+", cfg.grafana_url):
+        errors.append("grafana_url: must start with http:// or https://, "
+                      f"got {redact_url(cfg.grafana_url)!r}")
     if cfg.shard.count < 1:
         errors.append("shard.count: must be at least 1")
     elif not -1 <= cfg.shard.index < cfg.shard.count:
@@ -414,9 +453,6 @@ def _validate_model(cfg: Config, errors: list[str]) -> dict[str, Any]:
                 model[k] = _convert(f"model.{k}", v, defaults[k])
             except ValueError as e:
                 errors.append(f"model.{k}: {e}")
-    if cfg.grafana_url and not re.match(r"^https?://[^/\s]+", cfg.grafana_url):
-        errors.append("grafana_url: must start with http:// or https://, "
-                      f"got {redact_url(cfg.grafana_url)!r}")
     if cfg.window >= 2 and not any(e.startswith(("model.", "window:")) for e in errors):
         try:
             dataclasses.replace(cfg, model=model).vae_config()

@@ -70,6 +70,9 @@ class SelfMetrics:
         self.training_batch = Gauge("promvae_training_batch_series",
                                     "Series in the running training batch (0 when idle).",
                                     registry=r)
+        self.adaptations = Counter("promvae_adaptations_total",
+                                   "Flags up for adapt_after, taken as the series' new normal "
+                                   "(each retrains the series early).", registry=r)
         self.last_training = Gauge("promvae_last_successful_training_timestamp_seconds",
                                    "Unix time the last training batch finished.", registry=r)
         for reason in POLL_ERROR_REASONS:

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from detector import Series, lead_in_points, regularize, score_many
+from detector.calibration import Calibrator
+from detector.threshold import debounce_flags
 
-from .config import Config, QueryConfig
+from .config import Config, QueryConfig, format_duration
 from .exposition import SelfMetrics
 from .promclient import Source, SourceError
 from .state import READY, Registry, SeriesState
@@ -34,7 +36,8 @@ class Poller:
                  clock: Callable[[], float] = time.time,
                  score_fn: Callable = score_many,
                  persist: Callable[[], None] | None = None,
-                 on_new_series: Callable[[], None] | None = None) -> None:
+                 on_new_series: Callable[[], None] | None = None,
+                 on_adapt: Callable[[], None] | None = None) -> None:
         self.cfg, self.queries, self.source = cfg, list(queries), source
         self.registry, self.metrics = registry, metrics
         self.step = cfg.step
@@ -42,7 +45,9 @@ class Poller:
         self.keep_scores = cfg.keep_points
         self.max_buffer = self.lead_in + int(cfg.max_catchup // cfg.step) + 1
         self.clock, self.score_fn = clock, score_fn
-        self.persist, self.on_new_series = persist, on_new_series
+        self.persist, self.on_new_series, self.on_adapt = persist, on_new_series, on_adapt
+        self.calibration = cfg.deployment().calibration(cfg.step)
+        self.debounce = vae_config.debounce
         self._wake = threading.Event()
         self.polls_ok = 0  # polls in which every query succeeded
 
@@ -171,19 +176,40 @@ class Poller:
                     self.metrics.poll_errors.labels("score").inc()
                     log.error("scoring series %s %s failed: %s", s.query, s.exposed, e)
                     results.append(None)
-        scored = 0
+        scored, adapted = 0, 0
         with self.registry.lock:
             for (s, _, first, ser), res in zip(jobs, results):
                 if res is None:
                     s.scored_to = float(ser.timestamps[-1])  # skip the points it choked on
                     continue
                 sel = res.timestamps >= first
+                score, flag = self._calibrate(s, res)
+                if s.calibrator.adapt_due:
+                    s.calibrator.adapt_due = False
+                    if not s.adapt_requested:
+                        s.adapt_requested = True
+                        adapted += 1
+                        log.info("series %s %s flagged for %s: its new level is the new normal; "
+                                 "retraining early", s.query, s.exposed,
+                                 format_duration(self.calibration.adapt_after * self.step))
                 rows = {"timestamp": res.timestamps[sel], "observed": res.observed[sel],
-                        "score": res.score[sel], "flag": res.flag[sel],
+                        "score": score[sel], "flag": flag[sel],
                         "expected": res.expected[sel], "lower": res.lower[sel],
                         "upper": res.upper[sel]}
                 s.record(rows, self.keep_scores)
                 s.trim(self.step, self.lead_in, self.max_buffer)
                 scored += int(sel.sum())
         self.metrics.points_scored.inc(scored)
+        if adapted:
+            self.metrics.adaptations.inc(adapted)
+            if self.on_adapt is not None:
+                self.on_adapt()
         return scored
+
+    def _calibrate(self, s: SeriesState, res: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated scores and flags of a result (call under the lock): the streaming
+        threshold of the series (detector.calibration), fed each new point once."""
+        if s.calibrator is None:
+            s.calibrator = Calibrator(self.calibration)
+        score = s.calibrator.apply(res.timestamps, res.score, self.step)
+        return score, debounce_flags(score, self.debounce)

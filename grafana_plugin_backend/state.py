@@ -62,6 +62,9 @@ class SeriesState:
     buf_ts: np.ndarray = field(default_factory=lambda: np.empty(0))
     buf_vals: np.ndarray = field(default_factory=lambda: np.empty(0))
     recent: dict[str, np.ndarray] = field(default_factory=dict)  # "timestamp" + RESULT_FIELDS
+    calibrator: Any = None  # detector.calibration.Calibrator: the streaming threshold, across retrains
+    adapt_requested: bool = False  # the new-normal policy asked for an early retrain
+    regular_at: float = math.nan  # wall time of the last scheduled (not early) training
 
     def add_points(self, ts: np.ndarray, vals: np.ndarray, overwrite: bool = True) -> int:
         """Merge points into the raw buffer; returns how many observed points are newer than it.

@@ -37,6 +37,22 @@ def _iso(t: float | None) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _calibration(s: SeriesState) -> dict[str, Any] | None:
+    """The streaming threshold and the new-normal policy's state of a series."""
+    c = s.calibrator
+    if c is None:
+        return None
+    return {
+        # In model-normalised units: anomaly_score = (x - baseline) / (threshold - baseline).
+        "threshold": _num(c.threshold), "baseline": _num(c.baseline),
+        "reference_points": int(len(c.reference)) * c.stride,
+        "flagged_since": _num(c.run_start) if c.run else None,
+        "adaptations": c.adaptations,
+        "last_adapted_at": _num(c.adapted_at[-1]) if c.adapted_at else None,
+        "early_retrain_pending": bool(s.adapt_requested),
+    }
+
+
 def model_status(s: SeriesState, first: FirstScore | None = None) -> dict[str, Any]:
     """One series' entry in GET /api/v1/status/models (call under the registry lock);
     `first`: when a series without scores gets its first (see progress.py)."""
@@ -52,6 +68,7 @@ def model_status(s: SeriesState, first: FirstScore | None = None) -> dict[str, A
         "trained_to": _num(m.trained_to) if m is not None else None,
         "training_points": m.n_train if m is not None else None,
         "threshold": _num(m.threshold_) if m is not None else None,
+        "calibration": _calibration(s),
         "last_score": _num(last["score"]) if last else None,
         "last_flag": _num(last["flag"]) if last else None,
         "last_observed": _num(last["observed"]) if last else None,

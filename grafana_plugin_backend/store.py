@@ -143,3 +143,55 @@ def collect_garbage(registry: Registry, store: ModelStore, retention: float, now
         store.delete(sid)
     return len(old)
 
+
+CALIBRATION_FILE = "calibration.npz"
+
+
+def write_calibration(registry: Registry, path: Path) -> int:
+    """Every series' streaming threshold in one file (npz: state JSON + reference arrays),
+    written atomically; returns how many series it holds."""
+    import io
+
+    import numpy as np
+
+    with registry.lock:
+        items = [(s.id, s.calibrator.state(), np.asarray(s.calibrator.reference, np.float32))
+                 for s in registry.all() if s.calibrator is not None]
+    meta = {sid: st for sid, st, _ in items}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             **{f"ref_{i}": ref for i, (_, _, ref) in enumerate(items)},
+             ids=np.frombuffer(json.dumps([sid for sid, _, _ in items]).encode(), dtype=np.uint8))
+    atomic_write(path, buf.getvalue(), prefix=".calibration.")
+    return len(items)
+
+
+def read_calibration(registry: Registry, path: Path, config: Any) -> int:
+    """Restore the streaming thresholds written by `write_calibration`; a missing or
+    unreadable file restores none (the thresholds start again from the models')."""
+    import numpy as np
+
+    from detector.calibration import Calibrator
+
+    if not path.exists():
+        return 0
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            ids = json.loads(bytes(z["ids"]).decode())
+            refs = {sid: z[f"ref_{i}"] for i, sid in enumerate(ids)}
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("cannot read %s, calibration starts afresh: %s", path, e)
+        return 0
+    n = 0
+    with registry.lock:
+        for sid, st in meta.items():
+            s = registry.get(sid)
+            if s is None or sid not in refs:
+                continue
+            try:
+                s.calibrator = Calibrator.restore(config, refs[sid], st)
+            except (KeyError, TypeError, ValueError):
+                continue
+            n += 1
+    return n
