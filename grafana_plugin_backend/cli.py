@@ -53,12 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                    help="also check this web config (TLS, basic auth)")
 
-    b = sub.add_parser("backtest", help="train on the head of a CSV series, score all of it")
+    b = sub.add_parser("backtest", help="replay the service on a CSV series: train on its head, "
+                       "retrain and score all of it causally")
     b.add_argument("--input", metavar="FILE", help="timestamp,value CSV (default: stdin)")
     b.add_argument("--train-points", type=int, metavar="N",
                    help="train on the first N rows (default: min(floor(0.15 n), 750))")
     b.add_argument("--config.file", dest="config_file", metavar="FILE",
-                   help="take window and model settings from this config")
+                   help="take window, model, retraining and calibration settings from this config")
+    b.add_argument("--train-once", action="store_true",
+                   help="train only on the head; by default retrain and calibrate as the service "
+                        "does (retrain_every, history, adapt_after, calibration_span)")
     return p
 
 
@@ -105,7 +109,8 @@ def _backtest(args: argparse.Namespace, cfg: Config) -> int:
         with contextlib.ExitStack() as stack:
             stream = stack.enter_context(open(args.input)) if args.input else sys.stdin
             incidents = run_backtest_csv(stream, sys.stdout, cfg.vae_config(),
-                                         train_points=args.train_points, log=progress)
+                                         train_points=args.train_points, log=progress,
+                                         deployment=None if args.train_once else cfg.deployment())
     except OSError as e:
         print(f"promvae backtest: cannot read {args.input}: {e.strerror}", file=sys.stderr)
         return 1

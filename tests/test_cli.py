@@ -64,7 +64,12 @@ def test_backtest_csv(tmp_path, capsys, monkeypatch):
     assert first[0] == "2023-11-14 22:13:20" and first[2] == ""  # warm-up: no score
     spike = lines[251].split(",")
     assert float(spike[2]) > 1 and spike[3] == "1"
-    assert "training on the first 200" in captured.err and "incidents flagged" in captured.err
+    assert "first model on the first 200" in captured.err and "deployed" in captured.err
+    assert "incidents flagged" in captured.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert main(["backtest", "--train-points", "200", "--config.file", str(cfg), "--train-once"]) == 0
+    once = capsys.readouterr()
+    assert "train once" in once.err and len(once.out.strip().splitlines()) == n + 1
 
 
 def test_serve_with_an_unusable_storage_path_exits_cleanly(tmp_path, caplog):
