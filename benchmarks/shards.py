@@ -33,8 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import EXPR, QUERY, SyntheticPrometheus  # noqa: E402
-from tests.promstack import PrometheusProcess, PromvaeProcess  # noqa: E402
+from benchmarks.load import EXPR, QUERY, SyntheticPrometheus
+from tests.promstack import PrometheusProcess, PromvaeProcess
 
 STEP = 60.0
 WINDOW = 16

@@ -27,8 +27,16 @@ from flask import Blueprint, Flask, Response, current_app, request
 from google.protobuf.message import DecodeError
 
 from .poller import grid_floor
-from .prompb import Label, LabelMatcher, Query, QueryResult, ReadRequest, ReadResponse, Sample
-from .prompb import TimeSeries
+from .prompb import (
+    Label,
+    LabelMatcher,
+    Query,
+    QueryResult,
+    ReadRequest,
+    ReadResponse,
+    Sample,
+    TimeSeries,
+)
 from .promql import LabelMatcher as Matcher
 from .promql import QueryError, grid_start
 

@@ -97,7 +97,7 @@ class ShardCollector:
     def describe(self) -> list:
         return []
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self):
         yield GaugeMetricFamily("promvae_shard_index", "This instance's shard index "
                                 "(0-based; --shard.index or the StatefulSet ordinal).",
                                 value=self.shard.index)

@@ -193,7 +193,7 @@ def test_bad_queries_are_400_plain_text(client, q, words):
 
 
 def test_limits_of_the_query_api_apply(world):
-    app, svc, source, _ = world
+    app, _, source, _ = world
     client = app.test_client()
     app.config["PROMVAE_QUERY_MAX_SERIES"] = 3
     refused(post(client, query(SPIKE, T0, (EQ, "anomaly_query", "q"))), 422, "query_max_series")

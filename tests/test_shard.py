@@ -136,7 +136,7 @@ def test_one_shard_is_the_default_and_owns_everything(tmp_path):
 
 
 def test_a_restart_with_more_shards_hands_over_the_moved_series(tmp_path):
-    app, svc = sharded(tmp_path, 0, 1)
+    _, svc = sharded(tmp_path, 0, 1)
     svc.poller.poll_once()
     for s in svc.registry.all():
         s.stored = True

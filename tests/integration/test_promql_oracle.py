@@ -151,10 +151,10 @@ def _same_matrix(ours: list[dict], theirs: list[dict], what: str) -> None:
     want = {_key(r["metric"]): [(float(t), _value(v)) for t, v in r["values"]] for r in theirs}
     assert set(got) == set(want), f"{what}: labels differ\n ours {sorted(got)}\n " \
                                   f"prometheus {sorted(want)}"
-    for k in got:
-        assert [t for t, _ in got[k]] == [t for t, _ in want[k]], f"{what} {k}: timestamps"
-        assert all(_close(a, b) for (_, a), (_, b) in zip(got[k], want[k])), \
-            f"{what} {k}: values\n ours {got[k]}\n prometheus {want[k]}"
+    for k, points in got.items():
+        assert [t for t, _ in points] == [t for t, _ in want[k]], f"{what} {k}: timestamps"
+        assert all(_close(a, b) for (_, a), (_, b) in zip(points, want[k])), \
+            f"{what} {k}: values\n ours {points}\n prometheus {want[k]}"
 
 
 def _same(ours: dict, theirs: dict, what: str) -> None:
