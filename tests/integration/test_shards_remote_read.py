@@ -202,6 +202,24 @@ def test_joins_with_the_source_metric_and_aggregations_across_shards(cluster):
         r["metric"].get("anomaly_query") == QUERY for r in plain["data"]["result"])
 
 
+def test_scraped_and_remote_samples_of_a_series_merge_into_one(cluster):
+    """Recent scores are in Prometheus' TSDB (scraped, honor_labels) and behind remote read
+    with the same labels: one series each, not two."""
+    def scraped() -> bool:
+        got = cluster.api("/api/v1/query", query='count(up{job="promvae"} == 1)')
+        return float(got["data"]["result"][0]["value"][1]) == 3
+    wait_until(scraped, timeout=30, description="every shard scraped")
+    time.sleep(4)  # a scrape after the last poll: scraped anomaly_* samples exist
+    # without an anomaly_query matcher no shard is asked: these are the scraped samples alone
+    local = cluster.api("/api/v1/query", query='anomaly_score{job="app"}', time=time.time())
+    assert len(local["data"]["result"]) == N
+    both = cluster.api("/api/v1/query", query=f"count(anomaly_score{SEL})", time=time.time())
+    assert float(both["data"]["result"][0]["value"][1]) == N
+    body = cluster.api("/api/v1/query_range", query=f"anomaly_score{SEL}",
+                       start=time.time() - 600, end=time.time(), step=15)
+    assert sorted(r["metric"]["instance"] for r in body["data"]["result"]) == sorted(INSTANCES)
+
+
 def test_four_shards_move_about_a_quarter_and_the_rest_keep_their_models(cluster):
     before = {x: m for i in range(3) for x, m in cluster.models(i).items()}
     cluster.stop()
