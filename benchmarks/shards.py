@@ -3,9 +3,9 @@
 A synthetic Prometheus (benchmarks/load.py's, in a child process) serves 9,000 series
 `load_value{instance="host-i"}` with two days of history. First one `promvae serve` models all
 9,000; then three shards (--shard.count 3) model 3,000 each, all three running at once on the
-same cores. Reported: series per shard, the wall time until every series is trained and
-scored (and the ratio of the two set-ups), the RSS of each process, and one past-range PromQL
-query over all 9,000 series (an hour that ended two hours ago, at 60 s step, scored on demand)
+same cores. Reported: series per shard, the wall time from process start until every series
+is trained and scored (and the ratio of the two set-ups), the RSS of each process, and one
+past-range PromQL query over all 9,000 series (an hour that ended two hours ago, at 60 s step, scored on demand)
 answered by a real Prometheus fanning out over the shards by remote_read, beside the same
 query on the single instance's own query API; each cold (scored on demand) and warm (cached).
 
