@@ -183,13 +183,17 @@ class OnDemandScorer:
                 if s.state != READY or s.model is None:
                     continue
                 rts = s.recent.get("timestamp")
-                if rts is None or not len(rts):
+                scored = np.isfinite(s.recent["score"]) if rts is not None else None
+                if rts is None or not len(rts) or not scored.any():
                     live.append((s, s.model, math.inf, {}))
                     continue
+                # The buffer covers from its first scored point: before it lies the warm-up
+                # of a buffer filled without lead-in (the first training), scored on demand.
+                live_from = float(rts[int(np.argmax(scored))])
                 # Copy only the part in range: an instant query over 1,000 series would
                 # otherwise copy hours of points per series (recent timestamps are sorted).
                 a, b = np.searchsorted(rts, [g0 - eps, g1 + eps])
-                live.append((s, s.model, float(rts[0]),
+                live.append((s, s.model, live_from,
                              {k: v[a:b].copy() for k, v in s.recent.items()}))
         k0 = math.floor(g0 / (c * step) + 1e-9)
         k1 = math.floor(g1 / (c * step) + 1e-9)

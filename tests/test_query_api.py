@@ -435,6 +435,7 @@ def _dashboard_exprs() -> list[str]:
 @pytest.mark.parametrize("expr", _dashboard_exprs() or ["anomaly_score"])
 def test_every_anomaly_query_of_the_shipped_dashboards_is_answered(client, expr):
     q = (expr.replace("$anomaly_query", "q").replace("$instance", ".*")
+         .replace("$series", 'anomaly_query="q",instance="a",job="app"')  # one label set
          .replace("$__rate_interval", "5m").replace("$__interval", "1m"))
     data = ok(client.post("/api/v1/query_range", data={
         "query": q, "start": SPIKE - 600, "end": SPIKE + 600, "step": "60"}))
@@ -597,3 +598,16 @@ def test_rfc3339_without_an_offset_is_utc_and_a_lower_case_z_is_accepted(client)
     assert parse_time("t", "2023-11-14T22:13:20") == 1700000000.0
     assert parse_time("t", "2023-11-14t22:13:20z") == 1700000000.0
     assert parse_time("t", "2023-11-14T23:13:20+01:00") == 1700000000.0
+
+
+def test_the_warm_up_at_the_start_of_the_live_buffer_is_scored_on_demand(tmp_path):
+    # history == keep_scores: the buffer filled after the first training starts with a
+    # window's warm-up of unscored points; the source holds more, so the API scores them.
+    app, svc, _ = _world_with(tmp_path, keep_scores="1h", history="1h")
+    s = svc.registry.get_by_labels("q", B)
+    ts, score = s.recent["timestamp"], s.recent["score"]
+    assert np.isnan(score[0]) and np.isfinite(score[-1])
+    t = float(ts[10])  # unscored in the buffer, as is the lookback before it
+    data = ok(app.test_client().get("/api/v1/query", query_string={
+        "query": 'anomaly_score{instance="b"}', "time": t}))
+    assert [float(r["value"][1]) for r in data["result"]] == [0.3]
