@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,9 @@ class PrometheusSource:
                                            "refused before parsing") from None
         except requests.Timeout as e:
             raise SourceError("timeout", f"Prometheus timed out: {type(e).__name__}") from None
+        except requests.exceptions.SSLError as e:  # a ConnectionError: say it is TLS, and why
+            raise SourceError("connection", f"TLS with Prometheus at {redact_url(self._cfg.url)} "
+                              f"failed ({_tls_reason(e)}); check prometheus.tls_config") from None
         except requests.ConnectionError as e:
             if "timed out" in str(e).lower():
                 raise SourceError("timeout", "Prometheus timed out") from None
@@ -279,6 +283,13 @@ class PrometheusSource:
         except (KeyError, TypeError):
             raise SourceError("bad_response", "Prometheus answer lacks data.result") from None
         return parse_matrix(result)
+
+
+def _tls_reason(e: Exception) -> str:
+    """The OpenSSL reason inside requests' wrapped error, e.g. "certificate verify failed:
+    unable to get local issuer certificate"; the rest (pool, URL, retries) is noise."""
+    m = re.search(r"\[SSL: \w+\] ([^'\"(]+)", str(e))
+    return m.group(1).strip() if m else "handshake failed"
 
 
 def _http_error(message: str) -> SourceError:

@@ -177,3 +177,36 @@ def test_window_sized_model_defaults_follow_the_window():
     assert vae.window == 16
     assert vae.score_scales == (16, 8)
     assert load_config(None, environ={}).vae_config() == VAEConfig()  # defaults untouched
+
+
+def test_tls_files_are_loaded_as_a_certificate_and_its_key(tmp_path):
+    """A CA file that holds no certificate, or a key that is not the certificate's, is refused
+    when the config loads (not at the first poll, as a vague connection error)."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf, other = ca.issue_cert("promvae.example"), trustme.CA().issue_cert("x.example")
+    files = {"ca": ca.cert_pem, "cert": leaf.cert_chain_pems[0], "key": leaf.private_key_pem,
+             "other_key": other.private_key_pem}
+    for name, pem in files.items():
+        pem.write_to_path(tmp_path / f"{name}.pem")
+    (tmp_path / "x.pem").write_text("x")
+
+    def errors(**tls: str) -> list[str]:
+        tls = {k: str(tmp_path / f"{v}.pem") for k, v in tls.items()}
+        try:
+            load_config(None, environ={}, overrides={
+                "prometheus.url": "https://p:9090", "queries": [{"name": "q", "expr": "up"}],
+                "prometheus.tls_config": tls})
+        except ConfigError as e:
+            return e.errors
+        return []
+
+    assert errors(ca_file="ca", cert_file="cert", key_file="key") == []
+    for bad in ("x", "key"):  # not a certificate; a private key instead of the CA
+        (msg,) = errors(ca_file=bad)
+        assert msg.startswith("prometheus.tls_config.ca_file:") and "no PEM certificate" in msg
+    (msg,) = errors(cert_file="cert", key_file="other_key")
+    assert "cert_file" in msg and "its unencrypted PEM private key" in msg
+    (msg,) = errors(cert_file="x", key_file="key")
+    assert "cert_file" in msg

@@ -133,18 +133,8 @@ def test_basic_auth_with_password_file_and_extra_headers(fake_prom, tmp_path):
     assert headers["X-Scope-OrgID"] == "t1"
 
 
-def test_tls_options_reach_the_session(tmp_path):
-    from grafana_plugin_backend.config import TLSConfig
-
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
-    src = PrometheusSource(PrometheusConfig(url="https://p:9090", tls_config=TLSConfig(
-        ca_file=str(ca), cert_file="c.pem", key_file="k.pem")))
-    assert src._client._session.verify == str(ca)
-    assert src._client._session.cert == ("c.pem", "k.pem")
-    insecure = PrometheusSource(PrometheusConfig(
-        url="https://p:9090", tls_config=TLSConfig(insecure_skip_verify=True)))
-    assert insecure._client._session.verify is False
+# TLS (CA, client certificate, insecure_skip_verify) is tested against a real Prometheus
+# behind TLS: tests/integration/test_promclient_tls.py.
 
 
 @pytest.mark.parametrize("mode,reason", [("500", "http_5xx"), ("400", "bad_query"),
