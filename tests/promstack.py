@@ -77,6 +77,7 @@ ALERTMANAGER_BIN = os.environ.get("PROMVAE_TEST_ALERTMANAGER", "/usr/bin/prometh
 T = TypeVar("T")
 
 __all__ = [
+    "require_binary",
     "ALERTMANAGER_BIN",
     "PROMETHEUS_BIN",
     "PROMTOOL_BIN",
@@ -1035,3 +1036,16 @@ class WebhookReceiver(ServerThread):
         with self._lock:
             self._payloads.clear()
 
+
+def require_binary(path: str, package: str) -> str:
+    """`path` if it is an executable; else skip the test, or fail it when CI=true: CI installs
+    every Debian package the tests need (.ci/run), so a missing binary there means a broken
+    CI image or .ci/run, which must not pass as a green run of skipped tests."""
+    import pytest
+
+    if os.access(path, os.X_OK):
+        return path
+    message = f"{path} not found: install the Debian package '{package}' (.ci/run does)"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)

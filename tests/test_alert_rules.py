@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.promstack import require_binary
+
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "dashboards" / "prometheus"
 AM_CONFIG = ROOT / "dashboards" / "alertmanager" / "alertmanager.yml"
@@ -25,7 +27,7 @@ def _tool(env: str, default: str, package: str) -> str:
     if not os.access(path, os.X_OK):
         found = shutil.which(Path(default).name)
         if found is None:
-            pytest.skip(f"{default} not found: install the Debian package '{package}' (CI does)")
+            return require_binary(default, package)  # skips, or fails under CI=true
         path = found
     return path
 

@@ -7,7 +7,6 @@ process' log tail; pytest shows it under "Captured stdout teardown".
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,15 +21,14 @@ from tests.promstack import (
     LiveExporter,
     PrometheusProcess,
     WebhookReceiver,
+    require_binary,
 )
 
 P = TypeVar("P", PrometheusProcess, AlertmanagerProcess)
 
 
 def _require(path: str, package: str) -> str:
-    if not os.access(path, os.X_OK):
-        pytest.skip(f"{path} not found: install the Debian package '{package}' (CI does)")
-    return path
+    return require_binary(path, package)  # skips, or fails under CI=true
 
 
 @pytest.fixture(scope="session")

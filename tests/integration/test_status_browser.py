@@ -8,7 +8,6 @@ to load that could fail, and the screenshot shows the chart's colours.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests import browser
-from tests.promstack import PromvaeProcess, wait_until
+from tests.promstack import PromvaeProcess, require_binary, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +29,7 @@ TINY_ENV = {"PROMVAE_WINDOW": "16", "PROMVAE_HISTORY": "6h", "PROMVAE_MODEL_HIDD
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    if not os.access(browser.CHROMIUM_BIN, os.X_OK):
-        pytest.skip(f"{browser.CHROMIUM_BIN} not found: install the Debian package 'chromium' "
-                    "(CI does)")
-    return browser.CHROMIUM_BIN
+    return require_binary(browser.CHROMIUM_BIN, "chromium")  # skips, or fails under CI=true
 
 
 @pytest.fixture(scope="module")
