@@ -1,0 +1,84 @@
+"""Streaming calibration: rarer flags on drifting scores, the new-normal policy, grid refits."""
+
+import numpy as np
+
+from detector.calibration import CalibrationConfig, Calibrator
+
+STEP = 300.0
+T0 = 1_700_000_000.0 - (1_700_000_000.0 % 3600)
+
+
+def drifting_scores(n: int = 3000, seed: int = 0) -> np.ndarray:
+    """Model-normalised scores whose level creeps up: the model's own threshold (1.0) is
+    crossed more and more often, as on data the model was not trained on."""
+    r = np.random.default_rng(seed)
+    return 0.3 * r.standard_normal(n) + np.linspace(0.0, 1.0, n)
+
+
+def test_streaming_threshold_flags_drift_rarely_where_the_model_threshold_floods():
+    s = drifting_scores()
+    t = T0 + STEP * np.arange(len(s))
+    cal = Calibrator(CalibrationConfig(adapt_after=0))
+    out = cal.apply(t, s, STEP)
+    late = slice(1500, None)
+    own, calibrated = np.mean(s[late] >= 1), np.mean(out[late] >= 1)
+    assert own > 0.2  # the model's own threshold floods
+    assert calibrated < 0.1 and calibrated < own / 2
+    assert cal.threshold > 1.0
+
+
+def test_calibration_never_flags_more_than_the_model_threshold():
+    r = np.random.default_rng(1)
+    s = 0.05 * r.standard_normal(3000)  # far below the model's threshold
+    t = T0 + STEP * np.arange(len(s))
+    cal = Calibrator(CalibrationConfig(adapt_after=0))
+    out = cal.apply(t, s, STEP)
+    assert cal.threshold >= 1.0
+    assert not np.any(out[s < 1] >= 1)
+
+
+def test_a_level_shift_that_stays_becomes_the_new_normal():
+    r = np.random.default_rng(2)
+    s = 0.2 * r.standard_normal(2000)
+    s[1200:] += 4.0  # the series moved and stays there
+    t = T0 + STEP * np.arange(len(s))
+    cfg = CalibrationConfig(adapt_after=36)
+    cal = Calibrator(cfg)
+    out = cal.apply(t, s, STEP)
+    assert np.all(out[1200:1200 + 30] >= 1)  # an alert when it happens
+    assert cal.adaptations >= 1 and cal.adapt_due
+    assert cal.adapted_at[0] == t[1200 + 35]
+    assert np.mean(out[1400:] >= 1) < 0.05  # not for weeks
+    # With the policy off, the flag stays up.
+    off = Calibrator(CalibrationConfig(adapt_after=0)).apply(t, s, STEP)
+    assert np.mean(off[1400:] >= 1) > 0.9
+
+
+def test_one_point_at_a_time_equals_one_block():
+    """The service feeds a point per poll, a backtest a day at once: same scores."""
+    s = drifting_scores(1500, seed=3)
+    s[700:760] += 5.0
+    t = T0 + STEP * np.arange(len(s))
+    block = Calibrator(CalibrationConfig()).apply(t, s, STEP)
+    one = Calibrator(CalibrationConfig())
+    single = np.concatenate([one.apply(t[i:i + 1], s[i:i + 1], STEP) for i in range(len(s))])
+    np.testing.assert_allclose(single, block)
+
+
+def test_points_fed_twice_count_once_and_state_restores():
+    s = drifting_scores(800, seed=4)
+    t = T0 + STEP * np.arange(len(s))
+    a = Calibrator(CalibrationConfig())
+    a.apply(t[:500], s[:500], STEP)
+    a.apply(t[400:500], s[400:500], STEP)  # a restart rescores the newest points
+    b = Calibrator.restore(a.config, a.reference.copy(), a.state())
+    c = Calibrator(CalibrationConfig())
+    c.apply(t[:500], s[:500], STEP)
+    np.testing.assert_array_equal(a.reference, c.reference)
+    np.testing.assert_allclose(b.apply(t[500:], s[500:], STEP), c.apply(t[500:], s[500:], STEP))
+
+
+def test_for_step_converts_durations():
+    c = CalibrationConfig.for_step(60.0, adapt_after=3 * 3600.0)
+    assert c.adapt_after == 180 and c.refit == 60 and c.span == 14 * 1440
+    assert CalibrationConfig.for_step(60.0, adapt_after=None).adapt_after == 0
