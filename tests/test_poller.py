@@ -243,3 +243,39 @@ def test_points_polled_before_a_stored_model_loads_are_scored_after(tmp_path):
     rig.poller.poll_once()
     assert list(s.recent["timestamp"]) == [T0 - 600 + 60 * k for k in range(1, 12)]
     assert np.all(np.isfinite(s.recent["score"]))
+
+
+def test_a_flag_that_stays_for_adapt_after_asks_for_an_early_retrain(tmp_path):
+    rig = Rig(tmp_path, adapt_after="10m")
+    values = {"v": 3.0}
+    rig.source.set("metric_a", {"instance": "a"}, lambda t: np.full(len(t), values["v"]))
+    rig.poller.poll_once()
+    rig.make_ready()
+    (s,) = rig.registry.all()
+    for _ in range(5):  # quiet: score 0.3
+        rig.clock.advance(60)
+        rig.poller.poll_once()
+    assert not s.adapt_requested and s.recent["flag"][-1] == 0
+    values["v"] = 30.0  # the level moved to score 3 and stays there
+    flags = []
+    for _ in range(12):
+        rig.clock.advance(60)
+        rig.poller.poll_once()
+        flags.append(s.recent["flag"][-1])
+    assert flags[:9] == [1.0] * 9  # an alert while it is new...
+    assert s.adapt_requested  # ...and after 10 minutes the series is due for an early retrain
+    assert rig.sample("promvae_adaptations_total") == 1.0
+    assert s.calibrator.adaptations == 1
+
+
+def test_the_policy_can_be_turned_off(tmp_path):
+    rig = Rig(tmp_path, adapt_after="0s")
+    rig.source.set("metric_a", {"instance": "a"}, level(30.0))
+    rig.poller.poll_once()
+    rig.make_ready()
+    for _ in range(20):
+        rig.clock.advance(60)
+        rig.poller.poll_once()
+    (s,) = rig.registry.all()
+    assert not s.adapt_requested and s.recent["flag"][-1] == 1.0
+    assert rig.sample("promvae_adaptations_total") == 0.0

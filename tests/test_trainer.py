@@ -222,3 +222,17 @@ def test_shutdown_cancels_a_running_batch(tmp_path):
     rig.trainer.fit_fn = slow_fit
     rig.trainer.run(stop)  # returns instead of hanging
     assert all(s.state == PENDING for s in rig.registry.all())
+
+
+def test_an_early_retrain_comes_at_once_and_keeps_the_schedule(tmp_path):
+    rig = Rig(tmp_path, retrain_every="6h")
+    rig.add({"i": "a"}, seasonal())
+    rig.trainer.run_once()
+    (s,) = rig.registry.all()
+    rig.clock.advance(2 * 3600)
+    assert rig.trainer.run_once() == 0
+    s.adapt_requested = True  # the poller saw a change that stays
+    assert rig.trainer.run_once() == 1 and not s.adapt_requested
+    rig.clock.advance(4 * 3600)  # 6 h after the regular training, 4 h after the early one
+    assert rig.trainer.run_once() == 1
+    assert rig.fit.calls == [1, 1, 1]
