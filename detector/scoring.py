@@ -230,6 +230,9 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
             score = normalise_scores(r, mdl.baseline_, mdl.threshold_)
             expected = np.where(ok, mu[j, :n] * mdl.scale + mdl.center, np.nan)
             half = np.where(ok, config.band_k * sd[j, :n] * mdl.scale, np.nan)
+            lower, upper = expected - half, expected + half
+            if mdl.extra.get("nonnegative"):  # the band stays in the series' own domain
+                expected, lower = np.maximum(expected, 0.0), np.maximum(lower, 0.0)
             out[idx[j]] = ScoreResult(
                 timestamps=s.timestamps.copy(),
                 observed=s.values.copy(),
@@ -237,7 +240,7 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
                 score=score,
                 flag=debounce_flags(score, config.debounce),
                 expected=expected,
-                lower=expected - half,
-                upper=expected + half,
+                lower=lower,
+                upper=np.maximum(upper, lower),
             )
     return out  # type: ignore[return-value]

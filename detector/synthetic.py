@@ -73,7 +73,9 @@ def labelled_example(
     r = np.random.default_rng(seed + 1000)
     at = int(r.integers(train + 60, n - 300))
     length = {"spike": 5, "level_shift": 240, "seasonality_break": 360, "flatline": 180}[kind]
-    size = {"spike": 40.0, "level_shift": 25.0, "seasonality_break": 20.0, "flatline": 0.0}[kind]
+    # About 5 and 4 noise sigmas (the AR(1) noise has a std of about 2): anomalies a good
+    # detector must find, not 20-sigma ones that any threshold catches.
+    size = {"spike": 10.0, "level_shift": 8.0, "seasonality_break": 20.0, "flatline": 0.0}[kind]
     out = inject(s, kind, at, length, size, seed=seed)
     labels = np.zeros(n)
     labels[at : min(n, at + length + after)] = 1

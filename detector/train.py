@@ -194,6 +194,8 @@ def fit_many(
             seasonality=seasonality[j],
             scale_stats=stats,
             train_loss=float(best_loss[j]),
+            # A series never seen below 0 (ratios, byte rates) keeps its band at or above 0.
+            extra={"nonnegative": bool(np.nanmin(s.values) >= 0)},
         )
     log.debug("fit_many: %d models in %.1f s", k, time.time() - t_start)
     return results

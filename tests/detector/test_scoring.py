@@ -88,3 +88,20 @@ def test_scores_are_causal_and_independent_of_the_batch(trained, quality_config)
     part = Series(s.timestamps[start:cut], s.values[start:cut])
     (r,) = score_many([models["level_shift"]], [part])
     np.testing.assert_allclose(r.score[-100:], results["level_shift"].score[cut - 100 : cut], rtol=1e-4, atol=1e-5)
+
+
+def test_a_series_never_below_zero_keeps_its_band_at_or_above_zero(quality_config):
+    # A byte rate: mostly near 0 with bursts; the Gaussian band would reach below 0.
+    r = np.random.default_rng(7)
+    n = 4 * DAY
+    t = 1_700_000_000.0 + STEP * np.arange(n)
+    v = np.abs(r.standard_normal(n)) * 1e5 * (r.random(n) < 0.3)
+    (m,) = fit_many([Series(t[: 3 * DAY], v[: 3 * DAY])], STEP, quality_config)
+    assert m.extra["nonnegative"]
+    (res,) = score_many([m], [Series(t, v)])
+    ok = np.isfinite(res.lower)
+    assert ok.sum() > DAY and np.all(res.lower[ok] >= 0) and np.all(res.expected[ok] >= 0)
+    assert np.all(res.upper[ok] >= res.lower[ok])
+    # A series that does go below 0 keeps its band as the model has it.
+    (m2,) = fit_many([Series(t[: 3 * DAY], v[: 3 * DAY] - 5e4)], STEP, quality_config)
+    assert not m2.extra["nonnegative"]
