@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE")
     c.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                    help="also check this web config (TLS, basic auth)")
+    c.add_argument("--probe", action="store_true",
+                   help="also run each query against Prometheus: series, history available, "
+                        "when training can start, what step or window that history supports")
 
     b = sub.add_parser("backtest", help="replay the service on a CSV series: train on its head, "
                        "retrain and score all of it causally")
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            return _check_config(args.file, args.web_config_file)
+            return _check_config(args.file, args.web_config_file, args.probe)
         overrides = {key: getattr(args, flag, None) for flag, key in _FLAG_KEYS.items()}
         cfg = load_config(getattr(args, "config_file", None), overrides=overrides)
     except ConfigError as e:
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(cfg)
 
 
-def _check_config(path: str, web_config_file: str | None = None) -> int:
+def _check_config(path: str, web_config_file: str | None = None, probe: bool = False) -> int:
     try:
         cfg = load_config(path, overrides={"web_config_file": web_config_file})
     except ConfigError as e:
@@ -95,7 +98,20 @@ def _check_config(path: str, web_config_file: str | None = None) -> int:
         print(f"{cfg.web_config_file}: OK ({load_web_config(cfg.web_config_file).describe()})")
     for q in cfg.queries:
         print(f"  query {q.name}: {q.expr}")
-    return 0
+    if not probe:
+        return 0
+    if cfg.demo:
+        print("--probe: no prometheus.url configured (the demo needs no probe)")
+        return 0
+    from .probe import probe as run_probe
+    from .probe import report
+
+    print(f"probing {describe(cfg).split(',')[0]}:")
+    lines, ok = report(cfg, run_probe(cfg))
+    print("\n".join(lines))
+    if not ok:
+        print("promvae: the probe found problems (see above)", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _backtest(args: argparse.Namespace, cfg: Config) -> int:

@@ -53,8 +53,8 @@ def load(url: str, *, screenshot: str | Path | None = None, width: int = 1280,
     return PageLoad(dom=proc.stdout, console=console, log=proc.stderr)
 
 
-_SUBRESOURCE = re.compile(r"<(?:img|script|iframe|audio|video|source|embed)\b[^>]*\bsrc=\"([^\"]*)\"|"
-                          r"<link\b[^>]*\bhref=\"([^\"]*)\"", re.IGNORECASE)
+_SUBRESOURCE = re.compile(r"<(?:img|script|iframe|audio|video|source|embed)\b[^>]*"
+                          r"\bsrc=\"([^\"]*)\"|<link\b[^>]*\bhref=\"([^\"]*)\"", re.IGNORECASE)
 
 
 def subresources(dom: str) -> list[str]:
