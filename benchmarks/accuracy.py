@@ -3,9 +3,16 @@
 Usage::
 
     .venv/bin/python benchmarks/accuracy.py --data ../shared/data/nab \
-        [--detectors static-z,rolling-z,iforest,naive-vae,promvae,promvae-noseason] \
+        [--detectors static-z,rolling-z,iforest,naive-vae,adaptive-promql,promvae] [--train-once] \
         [--categories realKnownCause,realTraffic] [--limit-series 2] \
         [--promvae-config key=value,...] [--json results.json] [--check-causality]
+
+Both modes of the protocol: promvae runs **deployed** by default (first model on the training
+part, then retrained every 24 h on the trailing 7 days with only the points before each
+retrain, streaming calibration and the new-normal policy: the service's defaults, through
+detector.deploy), or trains once with ``--train-once``. Labels are never used. Beside AUC-PR
+and the event figures, every detector's alarm time is reported: the share of points outside
+every labelled window flagged at its own threshold (mean, median, worst series).
 
 Every detector is a function ``(timestamps, values, train_points) -> scores``
 that never sees the labels. It may fit on ``values[:train_points]`` only and
