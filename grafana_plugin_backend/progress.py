@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .config import format_duration
-from .state import FAILED, INSUFFICIENT, PENDING, READY, SeriesState
+from .state import FAILED, PENDING, READY, SeriesState
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def _calibration(s: SeriesState) -> dict[str, Any] | None:
     return {
         # In model-normalised units: anomaly_score = (x - baseline) / (threshold - baseline).
         "threshold": _num(c.threshold), "baseline": _num(c.baseline),
-        "reference_points": int(len(c.reference)) * c.stride,
+        "reference_points": len(c.reference) * c.stride,
         "flagged_since": _num(c.run_start) if c.run else None,
         "adaptations": c.adaptations,
         "last_adapted_at": _num(c.adapted_at[-1]) if c.adapted_at else None,
@@ -398,7 +398,7 @@ def series_page(sid: str) -> Response | str | tuple[str, int]:
             ex = explain(svc, s)
         except QueryError as e:
             explain_error = f"No explanation: {e}"
-        except Exception as e:  # noqa: BLE001 - the page shows the rest; the log has the cause
+        except Exception as e:
             log.exception("explaining %s for its status page failed", s.id)
             explain_error = f"No explanation: internal error ({type(e).__name__}); see the log"
         else:

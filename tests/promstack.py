@@ -77,7 +77,6 @@ ALERTMANAGER_BIN = os.environ.get("PROMVAE_TEST_ALERTMANAGER", "/usr/bin/prometh
 T = TypeVar("T")
 
 __all__ = [
-    "require_binary",
     "ALERTMANAGER_BIN",
     "PROMETHEUS_BIN",
     "PROMTOOL_BIN",
@@ -94,6 +93,7 @@ __all__ = [
     "backfill",
     "free_port",
     "live_prometheus",
+    "require_binary",
     "start_alertmanager",
     "start_prometheus",
     "wait_until",

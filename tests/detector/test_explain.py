@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from detector import Series, VAEConfig, explain_window, fit_many, score_many
-from detector.scoring import pack, score_windows
 from detector.model import stack
+from detector.scoring import pack, score_windows
 
 STEP = 60.0
 W = 32
