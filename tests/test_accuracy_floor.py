@@ -1,6 +1,7 @@
 """A quality floor that can fail: the default config, deployed as the service runs, on real
 labelled series from ../shared/data (NAB), scored with the benchmark's own metrics."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 from benchmarks.nab import evaluate_scored_part, load_series
 from detector import VAEConfig, backtest_many
 
-NAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "nab"
+# The labelled data lies beside the checkout (../shared/data), or where PROMVAE_NAB says.
+_CANDIDATES = [Path(p) for p in (os.environ.get("PROMVAE_NAB", ""),) if p] + [
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "nab",
+    Path("/work/shared/data/nab"),
+]
+NAB = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 # Two series whose anomalies an SRE would want paged (a traffic travel-time incident, a daily
 # pattern jumping up) and one with none at all: every flag there is a false alarm.
 SERIES = ("realTraffic/TravelTime_451.csv", "artificialWithAnomaly/art_daily_jumpsup.csv",
