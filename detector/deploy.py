@@ -16,7 +16,6 @@ trains those together in the next round.
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,7 +85,8 @@ def deployed_many(
     for g, cut in zip(grids, cuts):
         starts.append([cut + 1] + _regular_after(g.timestamps, cut + 1, deployment.retrain_every))
     models: list[dict[int, object]] = [{} for _ in range(n)]
-    raw_scores: list[dict[int, ScoreResult]] = [{} for _ in range(n)]
+    # raw_scores[i][start] = (key of what was scored, first index, ScoreResult)
+    raw_scores: list[dict[int, tuple]] = [{} for _ in range(n)]
     out: list[DeployedResult | Exception] = [None] * n  # type: ignore[list-item]
     for rnd in range(MAX_ROUNDS):
         todo = [(i, j) for i in range(n) for j in starts[i] if j not in models[i]]
@@ -131,9 +131,8 @@ def deployed_many(
                                     deployment, config, early[i])
             out[i] = res_i
             for j in asks:
-                # Regular retrains stay where they were: the service schedules them on a
-                # fixed grid of retrain_every per series (see `retrain_due`), not from the
-                # newest training.
+                # Regular retrains stay where they were: the service counts retrain_every
+                # from the last regular training (SeriesState.regular_at), not an early one.
                 bisect.insort(starts[i], j)
                 early[i].add(j)
                 new += 1
@@ -141,18 +140,6 @@ def deployed_many(
             break
         say(f"round {rnd + 1}: {new} early retrains asked for by the new-normal policy")
     return out
-
-
-def retrain_due(trained_at: float, now: float, every: float, phase: float) -> bool:
-    """True once a retrain slot (phase + k * every) has passed since the model was trained.
-
-    Slots on a fixed grid per series keep early retrains from moving the schedule, and a
-    per-series phase spreads a fleet's retrains over the interval.
-    """
-    if not every > 0:
-        return False
-    slot = phase + math.floor((now - phase) / every + 1e-9) * every
-    return trained_at < slot <= now
 
 
 def _regular_after(t: np.ndarray, j0: int, every: float) -> list[int]:

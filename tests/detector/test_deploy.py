@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from detector import VAEConfig
-from detector.deploy import Deployment, deployed_many, retrain_due
+from detector.deploy import Deployment, deployed_many
 from detector.synthetic import inject, seasonal_series
 
 STEP = 300.0
@@ -55,10 +55,3 @@ def test_a_series_too_short_for_its_first_model_gets_the_error(small):
     s = seasonal_series(40, step=STEP)
     (r,) = deployed_many([s], [20], [STEP], small, Deployment())
     assert isinstance(r, Exception)
-
-
-def test_retrain_slots_sit_on_a_fixed_grid():
-    assert not retrain_due(trained_at=100.0, now=150.0, every=100.0, phase=0.0)
-    assert retrain_due(trained_at=100.0, now=200.0, every=100.0, phase=0.0)
-    assert retrain_due(trained_at=150.0, now=210.0, every=100.0, phase=0.0)  # after an early one
-    assert not retrain_due(trained_at=205.0, now=210.0, every=100.0, phase=0.0)
