@@ -204,3 +204,18 @@ def write_server_pki(directory: Path) -> tuple[Any, dict[str, Path]]:
     server.cert_chain_pems[0].write_to_path(files["cert"])
     server.private_key_pem.write_to_path(files["key"])
     return ca, files
+
+
+def started_service(cfg: Config, source: FakeSource, clock: FakeClock) -> tuple[Any, Any]:
+    """A Flask app and its Service over `source` with fake fit and scoring, brought to the
+    live state /metrics shows: a poll discovers the series, a batch trains them (fake
+    models, kept in memory), a second poll scores the newest points."""
+    from grafana_plugin_backend.app import Service, create_app
+
+    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
+                  score_fn=fake_score_many)
+    app = create_app(cfg, service=svc)
+    svc.poller.poll_once()
+    svc.trainer.run_once()
+    svc.poller.poll_once()
+    return app, svc

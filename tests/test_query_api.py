@@ -22,6 +22,7 @@ from tests.service_fixtures import (
     FakeSource,
     fake_score_many,
     make_config,
+    started_service,
 )
 
 HOUR = 3600.0
@@ -41,12 +42,7 @@ def world(tmp_path):
     source.set("metric_a", A, level_a)
     source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
     cfg = make_config(tmp_path, keep_scores="1h")  # SPIKE lies before the live buffer
-    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
-                  score_fn=fake_score_many)
-    app = create_app(cfg, service=svc)
-    svc.poller.poll_once()  # discovers the series
-    svc.trainer.run_once()  # fake models (their files cannot be saved: kept in memory)
-    svc.poller.poll_once()  # scores the newest points: the live state /metrics shows
+    app, svc = started_service(cfg, source, clock)
     return app, svc, source, clock
 
 
@@ -450,12 +446,7 @@ def _world_with(tmp_path, **overrides):
     source.set("metric_a", A, level_a)
     source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
     cfg = make_config(tmp_path, **{"keep_scores": "1h", **overrides})
-    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
-                  score_fn=fake_score_many)
-    app = create_app(cfg, service=svc)
-    svc.poller.poll_once()
-    svc.trainer.run_once()
-    svc.poller.poll_once()
+    app, svc = started_service(cfg, source, clock)
     return app, svc, source
 
 

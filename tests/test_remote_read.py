@@ -15,7 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from grafana_plugin_backend import remote_read
 from grafana_plugin_backend.app import Service, create_app
 from grafana_plugin_backend.prompb import LabelMatcher, Query, ReadHints, ReadRequest, ReadResponse
-from tests.service_fixtures import T0, FakeClock, FakeFit, FakeSource, fake_score_many, make_config
+from tests.service_fixtures import (
+    T0,
+    FakeClock,
+    FakeFit,
+    FakeSource,
+    fake_score_many,
+    make_config,
+    started_service,
+)
 
 HOUR = 3600.0
 SPIKE = T0 - 5 * HOUR  # instance "a" reads 25 (score 2.5) for three minutes from here
@@ -37,12 +45,7 @@ def world(tmp_path):
     source.set("metric_a", A, level_a)
     source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
     cfg = make_config(tmp_path, keep_scores="1h")  # SPIKE lies before the live buffer
-    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
-                  score_fn=fake_score_many)
-    app = create_app(cfg, service=svc)
-    svc.poller.poll_once()
-    svc.trainer.run_once()
-    svc.poller.poll_once()
+    app, svc = started_service(cfg, source, clock)
     return app, svc, source, clock
 
 

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from grafana_plugin_backend.app import Service, create_app
 from grafana_plugin_backend.exposition import ANOMALY_METRICS
 from tests.promstack import PrometheusProcess, backfill, write_openmetrics
-from tests.service_fixtures import FakeClock, FakeFit, FakeSource, fake_score_many, make_config
+from tests.service_fixtures import FakeClock, FakeSource, make_config, started_service
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +94,7 @@ def both(tmp_path_factory, prometheus_bin: str, promtool_bin: str) -> Iterator[B
     for (inst, job), fn in SERIES.items():
         source.set("metric_a", {"instance": inst, "job": job}, fn)
     cfg = make_config(wd, keep_scores="1h", query_max_score_points=10_000_000)
-    svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
-                  score_fn=fake_score_many)
-    app = create_app(cfg, service=svc)
-    svc.poller.poll_once()
-    svc.trainer.run_once()
-    svc.poller.poll_once()
+    app, svc = started_service(cfg, source, clock)
     states = svc.registry.all()
     assert len(states) == len(SERIES)
     rows = app.extensions["promvae_query"].scorer.rows(states, LOADED, NOW)
