@@ -6,16 +6,17 @@ import csv
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
 import numpy as np
 
-from .config import VAEConfig
-from .deploy import DEPLOYED, Deployment, deployed_many
+from .config import VAEConfig, min_train_points
+from .deploy import DEPLOYED, DeployedResult, Deployment, deployed_many
 from .scoring import ScoreResult, score_many
 from .series import Series, regularize
-from .train import fit_many
+from .train import InsufficientDataError, fit_many
 
 
 def default_train_points(n: int) -> int:
@@ -212,3 +213,96 @@ def run_backtest_csv(
     if run_start is not None:
         incidents.append((run_start, last, peak))
     return incidents
+
+
+@dataclass
+class RangeBacktest:
+    """One series' backtest over a time range: its result on the grid and how it was run."""
+
+    result: ScoreResult  # every point of the pulled grid; before `first_model_at`: NaN
+    first_model_at: float  # when the first model took over (unix s)
+    first_history: float  # seconds of history the first model trained on
+    cold_start: bool  # True: too little history before the range, trained as a new series
+    retrains: int = 0
+    early: int = 0
+    failed: int = 0
+    adaptations: int = 0
+
+
+def first_cut(grid: Series, start: float, config: VAEConfig) -> tuple[int, bool]:
+    """Index of the last point the first model trains on, and whether it is a cold start.
+
+    The service started at `start` would train on the history it finds there; a series with
+    fewer than `min_train_points` observed points by then is a new series to the service,
+    trained as soon as it has them.
+    """
+    need = min_train_points(config)
+    seen = np.cumsum(np.isfinite(grid.values))
+    before = int(np.searchsorted(grid.timestamps, start))  # points with t < start
+    if before > 0 and seen[before - 1] >= need:
+        return before - 1, False
+    if not len(seen) or seen[-1] < need:
+        raise InsufficientDataError(
+            f"only {int(seen[-1]) if len(seen) else 0} observed points; a model needs {need}")
+    return int(np.searchsorted(seen, need)), True
+
+
+def backtest_range(
+    grids: Sequence[Series],
+    steps: Sequence[float],
+    start: float,
+    config: VAEConfig,
+    deployment: Deployment | None = DEPLOYED,
+    log: Callable[[str], None] | None = None,
+) -> list[RangeBacktest | Exception]:
+    """Replay the service on regular grids that begin up to `history` before `start`.
+
+    The first model of each series trains on what the grid holds before `start` (see
+    `first_cut`); then, deployed, it retrains and calibrates as the service does; with
+    deployment None that model scores the rest. Returns per series a RangeBacktest or the
+    Exception that kept it from training.
+    """
+    out: list[RangeBacktest | Exception] = [None] * len(grids)  # type: ignore[list-item]
+    todo: list[int] = []
+    cuts: dict[int, tuple[int, bool]] = {}
+    for i, g in enumerate(grids):
+        try:
+            cuts[i] = first_cut(g, start, config)
+            todo.append(i)
+        except InsufficientDataError as e:
+            out[i] = e
+    if not todo:
+        return out
+    sub = [grids[i] for i in todo]
+    if deployment is not None:
+        results = deployed_many(sub, [cuts[i][0] for i in todo], [steps[i] for i in todo],
+                                config, deployment, progress=log)
+    else:
+        heads = [Series(g.timestamps[: cuts[i][0] + 1], g.values[: cuts[i][0] + 1])
+                 for i, g in zip(todo, sub)]
+        if log:
+            log(f"training {len(heads)} models")
+        models = fit_many(heads, [steps[i] for i in todo], config)
+        ok = [k for k, m in enumerate(models) if not isinstance(m, Exception)]
+        scored = score_many([models[k] for k in ok], [sub[k] for k in ok])
+        results = list(models)
+        for k, r in zip(ok, scored):
+            results[k] = r
+    for i, res in zip(todo, results):
+        if isinstance(res, Exception):
+            out[i] = res
+            continue
+        cut, cold = cuts[i]
+        r = res.result if isinstance(res, DeployedResult) else res
+        for a in (r.raw, r.score, r.flag, r.expected, r.lower, r.upper):
+            a[: cut + 1] = np.nan  # the first model's own training data is no backtest
+        t = grids[i].timestamps
+        seen = t[: cut + 1][np.isfinite(grids[i].values[: cut + 1])]
+        history = float(seen[-1] - seen[0] + steps[i]) if len(seen) else 0.0
+        taken = float(t[cut + 1]) if cut + 1 < len(t) else float(t[cut]) + steps[i]
+        if isinstance(res, DeployedResult):
+            out[i] = RangeBacktest(res.result, taken, history, cold, len(res.retrains),
+                                   len(res.early), res.failed, res.adaptations)
+        else:
+            out[i] = RangeBacktest(res, taken, history, cold)
+    return out

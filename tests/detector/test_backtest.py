@@ -38,3 +38,44 @@ def test_backtest_csv_rows_and_incidents(tiny_config):
     assert all(r[2] != "" for r in rows[w:])
     assert all(r[3] in ("0", "1") for r in rows[w:])
     assert incidents and all(peak >= 1 for _, _, peak in incidents)
+
+
+def test_first_cut_uses_the_history_before_the_range_or_starts_cold(tiny_config):
+    from detector import min_train_points
+    from detector.backtest import first_cut
+    from detector.series import Series
+
+    need = min_train_points(tiny_config)
+    t = 1000.0 + 60.0 * np.arange(400)
+    v = np.ones(400)
+    assert first_cut(Series(t, v), t[300], tiny_config) == (299, False)
+    # too little before the range: a new series to the service, trained once it has `need`
+    assert first_cut(Series(t, v), t[10], tiny_config) == (need - 1, True)
+    gappy = v.copy()
+    gappy[:50] = np.nan  # missing points do not count towards `need`
+    assert first_cut(Series(t, gappy), t[0], tiny_config) == (50 + need - 1, True)
+    with pytest.raises(ValueError, match=f"only 40 observed points; a model needs {need}"):
+        first_cut(Series(t[:40], v[:40]), t[0], tiny_config)
+
+
+@pytest.mark.parametrize("deployed", [True, False])
+def test_backtest_range_scores_only_after_the_first_model(tiny_config, deployed):
+    from detector.backtest import backtest_range
+    from detector.deploy import Deployment
+    from detector.series import Series
+    from detector.synthetic import inject, seasonal_series
+
+    at, end = 1100, 1136  # three hours far above any daily peak
+    g = inject(seasonal_series(1500, step=300.0, seed=3), "level_shift", at, end - at, 80.0)
+    start = float(g.timestamps[800])
+    short = Series(g.timestamps[:30], g.values[:30])
+    dep = Deployment(retrain_every=86400.0, history=3 * 86400.0) if deployed else None
+    ok, bad = backtest_range([g, short], [300.0, 300.0], start, tiny_config, dep)
+    assert isinstance(bad, ValueError) and "observed points" in str(bad)
+    assert not ok.cold_start and ok.first_model_at == start
+    assert ok.first_history == 800 * 300.0
+    assert np.all(np.isnan(ok.result.score[:800])) and np.all(np.isnan(ok.result.flag[:800]))
+    assert np.isfinite(ok.result.score[800:]).all()
+    assert (ok.retrains > 0) == deployed
+    flagged = np.flatnonzero(ok.result.flag == 1)
+    assert flagged.size and np.any((flagged >= at) & (flagged < end + 50))
