@@ -29,8 +29,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grafana_plugin_backend.app import Service, create_app
-from grafana_plugin_backend.config import load_config
+from grafana_plugin_backend.config.settings import load_config
+from grafana_plugin_backend.web.app import Service, create_app
 from tests.promstack import (
     PrometheusProcess,
     backfill,

@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, describe, load_config
-from .webconfig import load_web_config
+from .config.base import ConfigError
+from .config.settings import Config, describe, load_config
+from .config.web import load_web_config
 
 log = logging.getLogger("promvae")
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from detector import min_train_points
 
-from .config import Config, format_duration
-from .poller import grid_floor
-from .progress import human_wait
-from .promclient import PrometheusSource, Source, SourceError
+from .config.base import format_duration
+from .config.settings import Config
+from .service.poller import grid_floor
+from .service.progress import human_wait
+from .source.prometheus import PrometheusSource, Source, SourceError
 
 
 @dataclass(frozen=True)

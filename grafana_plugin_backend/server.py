@@ -14,9 +14,10 @@ import cheroot.wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from flask import Flask
 
-from .app import Service, create_app
-from .config import Config, ConfigError
-from .webconfig import TLSServerConfig, WebConfig
+from .config.base import ConfigError
+from .config.settings import Config
+from .config.web import TLSServerConfig, WebConfig
+from .web.app import Service, create_app
 
 log = logging.getLogger(__name__)
 

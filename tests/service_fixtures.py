@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from grafana_plugin_backend.config import Config, load_config
-from grafana_plugin_backend.promclient import RangeSeries, SourceError
+from grafana_plugin_backend.config.settings import Config, load_config
+from grafana_plugin_backend.source.prometheus import RangeSeries, SourceError
 
 T0 = 1_700_006_400.0  # a multiple of 60 s (and of a day), so grids line up
 
@@ -210,7 +210,7 @@ def started_service(cfg: Config, source: FakeSource, clock: FakeClock) -> tuple[
     """A Flask app and its Service over `source` with fake fit and scoring, brought to the
     live state /metrics shows: a poll discovers the series, a batch trains them (fake
     models, kept in memory), a second poll scores the newest points."""
-    from grafana_plugin_backend.app import Service, create_app
+    from grafana_plugin_backend.web.app import Service, create_app
 
     svc = Service(cfg, source=source, clock=clock, fit_fn=FakeFit(clock),
                   score_fn=fake_score_many)

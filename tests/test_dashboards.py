@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from grafana_plugin_backend.app import Service, create_app
+from grafana_plugin_backend.web.app import Service, create_app
 from tests.service_fixtures import T0, FakeClock, FakeSource, make_config, seasonal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,7 +342,7 @@ def grafana_query_result(client, query: str) -> list[str]:
 
 
 def test_drilldown_picks_any_series_by_its_labels(disk_app):
-    from grafana_plugin_backend.links import series_selector
+    from grafana_plugin_backend.web.links import series_selector
 
     dash = load_dashboard(GRAFANA / "series-drilldown.json")
     var = {v["name"]: v for v in dash["templating"]["list"]}["series"]

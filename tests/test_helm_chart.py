@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as operator
 
-from grafana_plugin_backend.config import load_config
+from grafana_plugin_backend.config.settings import load_config
 
 helm = pytest.importorskip("helm_python.chart", reason="helm-python-sdk is a test dependency")
 

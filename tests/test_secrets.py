@@ -16,10 +16,11 @@ import bcrypt
 import pytest
 import trustme
 
-from grafana_plugin_backend.app import create_app
-from grafana_plugin_backend.config import ConfigError, describe, load_config
-from grafana_plugin_backend.promclient import SourceError
-from grafana_plugin_backend.webconfig import WebConfig
+from grafana_plugin_backend.config.base import ConfigError
+from grafana_plugin_backend.config.settings import describe, load_config
+from grafana_plugin_backend.config.web import WebConfig
+from grafana_plugin_backend.source.prometheus import SourceError
+from grafana_plugin_backend.web.app import create_app
 from tests.promstack import free_port, wait_until
 
 URL_SECRET = "urlpw-7Qx3vv"

@@ -57,7 +57,7 @@ def test_port_in_use_exits_1_with_a_clear_log(tmp_path, caplog):
     import logging
     import socket
 
-    from grafana_plugin_backend.config import load_config
+    from grafana_plugin_backend.config.settings import load_config
     from grafana_plugin_backend.server import serve
 
     with socket.socket() as taken:

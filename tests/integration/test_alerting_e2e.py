@@ -23,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from grafana_plugin_backend.links import series_selector
+from grafana_plugin_backend.web.links import series_selector
 from tests.promstack import (
     Feeder,
     LiveExporter,

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from grafana_plugin_backend.config import PrometheusConfig
-from grafana_plugin_backend.promclient import PrometheusSource, only_series
+from grafana_plugin_backend.config.settings import PrometheusConfig
+from grafana_plugin_backend.source.prometheus import PrometheusSource, only_series
 from tests.promstack import PrometheusProcess, backfill, write_openmetrics
 
 STEP = 60.0

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.promstack import PromvaeProcess
 
-SCHEMA_PATH = Path(str(resources.files("grafana_plugin_backend").joinpath("openapi.yaml")))
+SCHEMA_PATH = Path(str(resources.files("grafana_plugin_backend.web").joinpath("openapi.yaml")))
 TINY_ENV = {"PROMVAE_WINDOW": "16", "PROMVAE_HISTORY": "6h", "PROMVAE_MODEL_HIDDEN": "8",
             "PROMVAE_MODEL_LATENT": "2", "PROMVAE_MODEL_MAX_EPOCHS": "2",
             "PROMVAE_MODEL_MAX_STEPS": "8", "PROMVAE_MODEL_MC_SAMPLES": "2",

@@ -18,8 +18,8 @@ import requests
 import trustme
 import yaml
 
-from grafana_plugin_backend.config import Config, load_config
-from grafana_plugin_backend.promclient import PrometheusSource, SourceError
+from grafana_plugin_backend.config.settings import Config, load_config
+from grafana_plugin_backend.source.prometheus import PrometheusSource, SourceError
 from tests.promstack import PrometheusProcess, StackError
 from tests.service_fixtures import write_server_pki
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from grafana_plugin_backend.exposition import ANOMALY_METRICS
+from grafana_plugin_backend.service.registry import ANOMALY_METRICS
 from tests.promstack import PrometheusProcess, backfill, write_openmetrics
 from tests.service_fixtures import FakeClock, FakeSource, make_config, started_service
 

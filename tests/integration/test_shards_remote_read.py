@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from grafana_plugin_backend.shard import Shard
+from grafana_plugin_backend.service.shard import Shard
 from tests.promstack import (
     PrometheusProcess,
     PromvaeProcess,

@@ -1,0 +1,245 @@
+"""The series registry: one entry per (query, label set) with its model, raw points and scores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Model states, as shown in promvae_models{state} and the status API.
+PENDING = "pending"  # waiting for the next training batch (or for its stored model to load)
+READY = "ready"
+INSUFFICIENT = "insufficient_data"
+FAILED = "failed"
+STATES = (PENDING, READY, INSUFFICIENT, FAILED)
+
+# The anomaly_* families: name -> (result field, HELP text); /metrics and the query API share it.
+ANOMALY_METRICS = {
+    "anomaly_score": ("score", ("Anomaly score normalised by the learned threshold: "
+                               "1.0 = at threshold, above 1 = anomalous.")),
+    "anomaly_flag": ("flag", "1 while the series is judged anomalous (score >= 1, debounced)."),
+    "anomaly_expected": ("expected", "Expected value of the source series, in its own units."),
+    "anomaly_lower": ("lower", "Lower edge of the expected band, in source units."),
+    "anomaly_upper": ("upper", "Upper edge of the expected band, in source units."),
+    "anomaly_observed": ("observed", "The source value the score was computed on."),
+}
+RESULT_FIELDS = ("observed", "score", "flag", "expected", "lower", "upper")
+_MAX_DROPPED_KEYS = 100_000
+
+
+def series_id(query: str, labels: Mapping[str, str]) -> str:
+    """Stable id (and model file name) of a series: a hash of its query and sorted labels."""
+    blob = json.dumps([query, sorted(labels.items())], separators=(",", ":"))
+    return f"{query[:40]}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def exposed_labels(query: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels of the anomaly_* series: source labels minus __name__, plus anomaly_query.
+
+    A source label already called anomaly_query is kept as exported_anomaly_query.
+    """
+    out = {k: v for k, v in labels.items() if k != "__name__"}
+    if "anomaly_query" in out:
+        out["exported_anomaly_query"] = out.pop("anomaly_query")
+    out["anomaly_query"] = query
+    return out
+
+
+@dataclass
+class SeriesState:
+    """Everything promvae knows about one series. Mutate only under Registry.lock."""
+
+    id: str
+    query: str
+    labels: dict[str, str]
+    exposed: dict[str, str]
+    state: str = PENDING
+    model: Any = None  # detector.SeriesModel
+    model_origin: str = ""  # "trained" | "loaded"
+    stored: bool = False  # a model file may exist on disk for this id
+    last_error: str = ""
+    train_failures: int = 0
+    last_attempt: float = 0.0  # wall time of the last training attempt
+    observed_estimate: int = 0  # observed points known to exist (history + polled)
+    last_present: float = math.nan  # newest timestamp the source returned (any value)
+    scored_to: float = math.nan  # newest timestamp scored
+    buf_ts: np.ndarray = field(default_factory=lambda: np.empty(0))
+    buf_vals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    recent: dict[str, np.ndarray] = field(default_factory=dict)  # "timestamp" + RESULT_FIELDS
+    calibrator: Any = None  # detector.calibration.Calibrator: the streaming threshold, across retrains
+    adapt_requested: bool = False  # the new-normal policy asked for an early retrain
+    regular_at: float = math.nan  # wall time of the last scheduled (not early) training
+
+    def add_points(self, ts: np.ndarray, vals: np.ndarray, overwrite: bool = True) -> int:
+        """Merge points into the raw buffer; returns how many observed points are newer than it.
+
+        overwrite: on equal timestamps the given values win (else the buffered ones do).
+        """
+        ts = np.asarray(ts, dtype=np.float64)
+        vals = np.asarray(vals, dtype=np.float64)
+        if len(ts) == 0:
+            return 0
+        newest = self.buf_ts[-1] if len(self.buf_ts) else -math.inf
+        fresh = int(np.isfinite(vals[ts > newest]).sum())
+        parts_t, parts_v = [self.buf_ts, ts], [self.buf_vals, vals]
+        if not overwrite:
+            parts_t.reverse()
+            parts_v.reverse()
+        all_t = np.concatenate(parts_t)
+        all_v = np.concatenate(parts_v)
+        order = np.argsort(all_t, kind="stable")
+        t, v = all_t[order], all_v[order]
+        last = np.r_[t[1:] != t[:-1], True]
+        self.buf_ts, self.buf_vals = t[last], v[last]
+        self.observed_estimate += fresh
+        return fresh
+
+    def trim(self, step: float, lead_in: int, max_points: int) -> None:
+        """Drop raw points no longer needed as lead-in for the next points to score."""
+        keep_from = -math.inf
+        if math.isfinite(self.scored_to):  # a model exists or is about to load
+            keep_from = self.scored_to - lead_in * step
+        elif len(self.buf_ts):
+            keep_from = self.buf_ts[-1] - lead_in * step
+        if len(self.buf_ts):
+            keep_from = max(keep_from, self.buf_ts[-1] - (max_points - 1) * step)
+        first = int(np.searchsorted(self.buf_ts, keep_from - 1e-6 * step))
+        if first:
+            self.buf_ts, self.buf_vals = self.buf_ts[first:], self.buf_vals[first:]
+
+    def record(self, rows: Mapping[str, np.ndarray], keep_points: int) -> None:
+        """Append scored rows ("timestamp" + RESULT_FIELDS, each (N,)) to the recent buffer."""
+        if not len(rows["timestamp"]):
+            return
+        for k in ("timestamp",) + RESULT_FIELDS:
+            old = self.recent.get(k, np.empty(0))
+            self.recent[k] = np.concatenate([old, np.asarray(rows[k], dtype=np.float64)])
+        order = np.argsort(self.recent["timestamp"], kind="stable")
+        t = self.recent["timestamp"][order]
+        last = np.r_[t[1:] != t[:-1], True]
+        for k in self.recent:
+            self.recent[k] = self.recent[k][order][last][-keep_points:]
+        self.scored_to = float(np.nanmax([self.scored_to, self.recent["timestamp"][-1]]))
+
+    def last_result(self) -> dict[str, float] | None:
+        """The newest scored point ("timestamp" + RESULT_FIELDS), or None before any."""
+        if not self.recent or not len(self.recent["timestamp"]):
+            return None
+        return {k: float(v[-1]) for k, v in self.recent.items()}
+
+
+class Registry:
+    """All live series, capped at `max_series`; label sets never merge."""
+
+    def __init__(self, max_series: int) -> None:
+        self.lock = threading.RLock()
+        self.max_series = max_series
+        self._series: dict[str, SeriesState] = {}
+        self._by_exposed: dict[tuple, str] = {}
+        self._dropped_keys: set[tuple[str, str]] = set()
+        self.dropped: dict[str, int] = {}
+        self.vanished: dict[str, dict[str, Any]] = {}  # id -> {query, labels, vanished_at}
+        self.positions: dict[str, float] = {}  # query -> newest timestamp polled
+        # Shards: series for which owns(query, labels) is False belong to another instance;
+        # they are neither kept nor counted as dropped. disowned: ids of the previous run's
+        # index that another shard owns now (shard.count changed).
+        self.owns: Callable[[str, Mapping[str, str]], bool] | None = None
+        self.disowned: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def get(self, sid: str) -> SeriesState | None:
+        with self.lock:
+            return self._series.get(sid)
+
+    def all(self) -> list[SeriesState]:
+        with self.lock:
+            return list(self._series.values())
+
+    def get_by_labels(self, query: str, labels: Mapping[str, str]) -> SeriesState | None:
+        with self.lock:
+            return self._series.get(series_id(query, labels))
+
+    def of_query(self, query: str) -> list[SeriesState]:
+        with self.lock:
+            return [s for s in self._series.values() if s.query == query]
+
+    def _drop(self, reason: str, key: tuple[str, str]) -> None:
+        if key in self._dropped_keys:
+            return
+        if len(self._dropped_keys) >= _MAX_DROPPED_KEYS:
+            self._dropped_keys.clear()
+        self._dropped_keys.add(key)
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def upsert(self, query: str, labels: Mapping[str, str]) -> SeriesState | None:
+        """The series of (query, labels), registering it if new; None if dropped (and counted)."""
+        labels = dict(labels)
+        sid = series_id(query, labels)
+        with self.lock:
+            s = self._series.get(sid)
+            if s is not None:
+                return s
+            if self.owns is not None and not self.owns(query, labels):
+                return None
+            exposed = exposed_labels(query, labels)
+            ekey = (query, tuple(sorted(exposed.items())))
+            if ekey in self._by_exposed:
+                self._drop("duplicate_labels", (query, sid))
+                return None
+            if len(self._series) >= self.max_series:
+                self._drop("max_series", (query, sid))
+                return None
+            gone = self.vanished.pop(sid, None)
+            s = SeriesState(id=sid, query=query, labels=labels, exposed=exposed,
+                            stored=gone is not None)
+            self._series[sid] = s
+            self._by_exposed[ekey] = sid
+            return s
+
+    def restore(self, query: str, labels: Mapping[str, str], scored_to: float,
+                last_present: float) -> SeriesState | None:
+        """Register a series known from the index of a previous run (its model is on disk)."""
+        s = self.upsert(query, labels)
+        if s is None and self.owns is not None and not self.owns(query, labels):
+            self.disowned.append(series_id(query, labels))
+        if s is not None:
+            s.stored = True
+            s.scored_to = scored_to
+            s.last_present = last_present
+        return s
+
+    def expire(self, query: str, now_data: float, ttl: float, wall: float) -> list[SeriesState]:
+        """Remove series of `query` absent for longer than `ttl` (data time); returns them."""
+        gone = []
+        with self.lock:
+            for s in list(self._series.values()):
+                if s.query != query or not math.isfinite(s.last_present):
+                    continue
+                if now_data - s.last_present > ttl:
+                    self.remove(s.id, wall)
+                    gone.append(s)
+        return gone
+
+    def remove(self, sid: str, wall: float) -> None:
+        with self.lock:
+            s = self._series.pop(sid, None)
+            if s is None:
+                return
+            self._by_exposed.pop((s.query, tuple(sorted(s.exposed.items()))), None)
+            if s.stored or s.model is not None:
+                self.vanished[sid] = {"query": s.query, "labels": s.labels, "vanished_at": wall}
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.lock:
+            counts = dict.fromkeys(STATES, 0)
+            for s in self._series.values():
+                counts[s.state] = counts.get(s.state, 0) + 1
+            return counts

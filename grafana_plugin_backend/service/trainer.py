@@ -1,0 +1,308 @@
+"""Background training: load stored models, train new series and retrain old ones in batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from detector import (
+    InsufficientDataError,
+    ModelFileError,
+    Series,
+    fit_many,
+    lead_in_points,
+    min_train_points,
+    regularize,
+)
+
+from ..config.base import format_duration
+from ..config.settings import Config, QueryConfig
+from ..source.prometheus import Source, SourceError
+from .poller import grid_floor
+from .progress import human_wait
+from .registry import FAILED, INSUFFICIENT, PENDING, READY, Registry, SeriesState, series_id
+from .selfmetrics import SelfMetrics
+from .store import ModelStore, collect_garbage
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 5.0  # seconds between progress log lines
+
+
+class Cancelled(Exception):
+    """Training was stopped because the service is shutting down."""
+
+
+class Trainer:
+    """Picks the series that need a model, pulls their history and fits them in one batch."""
+
+    def __init__(self, cfg: Config, queries: Sequence[QueryConfig], source: Source,
+                 registry: Registry, store: ModelStore, metrics: SelfMetrics, vae_config: Any, *,
+                 clock: Callable[[], float] = time.time, fit_fn: Callable = fit_many,
+                 persist: Callable[[], None] | None = None,
+                 on_trained: Callable[[], None] | None = None) -> None:
+        self.cfg, self.source, self.registry = cfg, source, registry
+        self.queries = {q.name: q for q in queries}
+        self.store, self.metrics, self.vae_config = store, metrics, vae_config
+        self.clock, self.fit_fn = clock, fit_fn
+        self.persist, self.on_trained = persist, on_trained
+        self.step = cfg.step
+        self.lead_in = lead_in_points(vae_config)
+        self.min_points = min_train_points(vae_config)
+        # After a first training the poller scores this much of the history's tail at once, so
+        # /metrics and the query API's live buffer cover `keep_scores` without on-demand work.
+        self.initial_points = cfg.keep_points
+        self.retry_after = min(cfg.retrain_every, 3600.0)  # failed series: next attempt
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self.loaded_once = False  # the stored models of the previous run were loaded
+
+    def wake(self) -> None:
+        """Run a batch soon (new series were discovered)."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Load stored models, then train whatever is due until `stop` is set."""
+        self.stop_event = stop
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                self.run_once()
+            except Cancelled:
+                log.info("training stopped for shutdown; previous models kept")
+                break
+            except Exception:  # one tick is a boundary: log, count, try again later
+                self.metrics.training_errors.labels("batch").inc()
+                log.exception("training tick failed")
+            self._wake.wait(min(self.cfg.poll_every, 60.0))
+
+    def load_stored(self) -> int:
+        """Load the model file of every pending series that has one; returns how many loaded."""
+        loaded = 0
+        for s in [s for s in self.registry.all() if s.state == PENDING and s.stored]:
+            if self.stop_event.is_set():
+                break
+            try:
+                model = self.store.load(s.id)
+            except (ModelFileError, OSError) as e:
+                self.metrics.training_errors.labels("load").inc()
+                log.error("cannot load the model of %s %s, it will be retrained: %s",
+                          s.query, s.exposed, e)
+                with self.registry.lock:
+                    s.stored, s.last_error = False, str(e)
+                continue
+            if model.step != self.step or model.config.window != self.cfg.window:
+                log.warning("model of %s %s was trained with step %gs window %d; retraining",
+                            s.query, s.exposed, model.step, model.config.window)
+                with self.registry.lock:
+                    s.stored = False
+                continue
+            with self.registry.lock:
+                s.model, s.state, s.model_origin = model, READY, "loaded"
+                if not math.isfinite(s.scored_to):
+                    s.scored_to = model.trained_to
+            self.metrics.models_loaded.inc()
+            loaded += 1
+        if loaded:
+            log.info("loaded %d stored models from %s", loaded, self.store.models_dir)
+            if self.on_trained is not None:
+                self.on_trained()  # score what was missed right away
+        return loaded
+
+    def due(self, now: float) -> list[SeriesState]:
+        """Series that need training now: new, grown past insufficient, failed long ago, or old."""
+        with self.registry.lock:
+            return [s for s in self.registry.all() if self._is_due(s, now)]
+
+    def _is_due(self, s: SeriesState, now: float) -> bool:
+        retry = now - s.last_attempt >= self.retry_after
+        if s.state == PENDING:
+            return not s.stored  # stored models are loaded, not trained
+        if s.state == INSUFFICIENT:
+            return s.observed_estimate >= self.min_points or retry
+        if s.state == FAILED:
+            return retry
+        if s.adapt_requested:
+            return True  # a change that stays: learn it now, not at the next slot
+        # Early retrains do not move the schedule (as detector.deploy replays it).
+        since = s.regular_at if math.isfinite(s.regular_at) else s.model.trained_at
+        return retry and now - since >= self.cfg.retrain_every
+
+    def run_once(self) -> int:
+        """Load new stored models, then train every due series in one batch; returns models fit."""
+        self.load_stored()
+        self.loaded_once = True
+        collect_garbage(self.registry, self.store, self.cfg.model_retention, self.clock())
+        todo = self.due(self.clock())
+        if not todo:
+            return 0
+        started = time.monotonic()
+        data = self._pull_history(todo)
+        if not data:
+            return 0
+        fit = [(s, ser) for s, ser in data if self._enough(s, ser)]
+        if not fit:
+            self._after_batch(started, 0, len(data))
+            return 0
+        n_new = sum(1 for s, _ in fit if s.model is None)
+        n_early = sum(1 for s, _ in fit if s.adapt_requested and s.model is not None)
+        if n_early:
+            log.info("retraining %d series early: a change that stays is their new normal", n_early)
+        log.info("training %d series (%d new, %d retraining) on %s of history (history %s)",
+                 len(fit), n_new, len(fit) - n_new, _spans([ser for _, ser in fit], self.step),
+                 _human(self.cfg.history))
+        self.metrics.training_batch.set(len(fit))
+        self.metrics.training_progress.set(0.0)
+        try:
+            results = self.fit_fn([ser for _, ser in fit], self.step, self.vae_config,
+                                  progress=self._progress(started))
+        except Cancelled:
+            raise
+        except Exception as e:
+            self.metrics.training_errors.labels("batch").inc(len(fit))
+            log.exception("training batch of %d series failed; previous models kept", len(fit))
+            for s, _ in fit:
+                self._failed(s, f"batch failed: {e}")
+            self._after_batch(started, 0, len(fit))
+            return 0
+        trained = 0
+        for (s, ser), res in zip(fit, results):
+            if isinstance(res, Exception):
+                reason = "insufficient_data" if isinstance(res, InsufficientDataError) else "fit"
+                if reason == "fit":  # too little data is waiting, not an error
+                    self.metrics.training_errors.labels(reason).inc()
+                log.warning("training %s %s failed (%s): %s", s.query, s.exposed, reason, res)
+                self._failed(s, str(res), insufficient=reason == "insufficient_data")
+                continue
+            self._install(s, ser, res)
+            trained += 1
+        self._after_batch(started, trained, len(fit))
+        return trained
+
+    def _pull_history(self, todo: list[SeriesState]) -> list[tuple[SeriesState, Series]]:
+        """Each due series' history on the step grid, one (chunked) range query per query."""
+        end = grid_floor(self.clock() - self.cfg.poll_delay, self.step)
+        start = end - self.cfg.history + self.step
+        out = []
+        by_query: dict[str, list[SeriesState]] = {}
+        for s in todo:
+            by_query.setdefault(s.query, []).append(s)
+        for name, members in by_query.items():
+            q = self.queries.get(name)
+            if q is None:
+                continue
+            try:
+                result = self.source.query_range(q.expr, start, end, self.step)
+            except SourceError as e:
+                self.metrics.training_errors.labels("history").inc()
+                log.warning("history pull for query %s failed (%s): %s; will retry", name,
+                            e.reason, e)
+                continue
+            found = {series_id(name, rs.labels): rs for rs in result}
+            for s in members:
+                rs = found.get(s.id)
+                if rs is None:
+                    ser = Series(np.empty(0), np.empty(0))
+                else:
+                    ser = regularize(rs.timestamps, rs.values, self.step)
+                out.append((s, ser))
+        return out
+
+    def _enough(self, s: SeriesState, ser: Series) -> bool:
+        """True if `ser` can be trained; else marks `s` insufficient_data (or keeps its model)."""
+        observed = ser.observed()
+        with self.registry.lock:
+            s.observed_estimate = observed
+            s.last_attempt = self.clock()
+        if observed >= self.min_points:
+            return True
+        # Waiting for data is not an error: no error counted, no last_error kept (it would go
+        # stale as points arrive); the status API and page compute the progress live.
+        self._failed(s, "", insufficient=True)
+        wait = (self.min_points - observed) * self.step
+        log.info("series %s %s: %d of %d observed points needed (%s of history so far); first "
+                 "score in %s, at %s", s.query, s.exposed, observed, self.min_points,
+                 _spans([ser], self.step), human_wait(wait),
+                 datetime.fromtimestamp(self.clock() + wait, tz=UTC).strftime("%H:%M UTC"))
+        return False
+
+    def _failed(self, s: SeriesState, error: str, insufficient: bool = False) -> None:
+        with self.registry.lock:
+            s.last_error = error
+            s.last_attempt = self.clock()
+            s.train_failures += 0 if insufficient else 1
+            if s.model is None:
+                s.state = INSUFFICIENT if insufficient else FAILED
+
+    def _install(self, s: SeriesState, ser: Series, model: Any) -> None:
+        """Save and activate a fresh model; a first model also seeds lead-in and recent scores."""
+        try:
+            self.store.save(s.id, model)
+            stored = True
+        except Exception as e:  # noqa: BLE001 - e.g. disk full: the model serves from memory
+            self.metrics.training_errors.labels("save").inc()
+            log.error("cannot save the model of %s %s (kept in memory): %s", s.query, s.exposed, e)
+            stored = False
+        self.metrics.models_trained.inc()
+        with self.registry.lock:
+            first = s.model is None
+            if not s.adapt_requested:
+                s.regular_at = self.clock()
+            s.adapt_requested = False
+            s.model, s.state, s.model_origin = model, READY, "trained"
+            s.stored = s.stored or stored
+            s.last_error = ""
+            if first and not math.isfinite(s.scored_to):
+                tail = self.lead_in + self.initial_points
+                s.add_points(ser.timestamps[-tail:], ser.values[-tail:], overwrite=False)
+                s.scored_to = float(ser.timestamps[-1]) - self.initial_points * self.step
+
+    def _progress(self, started: float) -> Callable[[int, int], None]:
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if self.stop_event.is_set():
+                raise Cancelled()
+            self.metrics.training_progress.set(done / max(total, 1))
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY or done == total:
+                last[0] = now
+                log.info("trained %d/%d series, %.0f s", done, total, now - started)
+
+        return progress
+
+    def _after_batch(self, started: float, trained: int, total: int) -> None:
+        took = time.monotonic() - started
+        self.metrics.training_duration.observe(took)
+        self.metrics.training_progress.set(1.0)
+        self.metrics.training_batch.set(0)
+        self.metrics.last_training.set(self.clock())
+        log.info("training batch done: %d/%d series trained in %.1f s", trained, total, took)
+        if self.persist is not None:
+            self.persist()
+        if trained and self.on_trained is not None:
+            self.on_trained()
+
+
+def _human(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def _spans(series: Sequence[Series], step: float) -> str:
+    """The history the series really hold, first observed point to last: "23 min", "2 h to 7 d"."""
+    spans = []
+    for ser in series:
+        obs = ser.timestamps[np.isfinite(ser.values)]
+        spans.append(float(obs[-1] - obs[0]) + step if len(obs) else 0.0)
+    if not spans:
+        return "no"
+    lo, hi = (human_wait(x).removeprefix("about ") if x > 0 else "0 s"
+              for x in (min(spans), max(spans)))
+    return lo if lo == hi else f"{lo} to {hi}"
