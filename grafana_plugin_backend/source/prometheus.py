@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,24 @@ class PrometheusSource:
     def __init__(self, cfg: PrometheusConfig, max_points: int = MAX_POINTS) -> None:
         self._cfg = cfg
         self._max_points = max_points
+        self._auth = None
+        if cfg.basic_auth.username:
+            password = cfg.basic_auth.password
+            if cfg.basic_auth.password_file:
+                password = Path(cfg.basic_auth.password_file).read_text().strip()
+            self._auth = (cfg.basic_auth.username, password)
+        # One client (and requests.Session) per thread: the poller, the trainer and the query
+        # threads all pull, and requests does not promise a Session is safe to share.
+        self._local = threading.local()
+        self._clients: list[PrometheusConnect] = []
+        self._clients_lock = threading.Lock()
+        self._client_for_thread()  # fail here, at start, on a bad URL or TLS setting
+
+    def _client_for_thread(self) -> PrometheusConnect:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            return client
+        cfg = self._cfg
         session = requests.Session()
         tls = cfg.tls_config
         session.verify = False if tls.insecure_skip_verify else (tls.ca_file or True)
@@ -208,24 +227,30 @@ class PrometheusSource:
         retry = Retry(total=cfg.retries, connect=cfg.retries, read=False, status=cfg.retries,
                       backoff_factor=0.5, status_forcelist=(429, 502, 503, 504),
                       allowed_methods=None, raise_on_status=False)
-        auth = None
-        if cfg.basic_auth.username:
-            password = cfg.basic_auth.password
-            if cfg.basic_auth.password_file:
-                password = Path(cfg.basic_auth.password_file).read_text().strip()
-            auth = (cfg.basic_auth.username, password)
-        self._client = PrometheusConnect(url=cfg.url.rstrip("/"), headers=dict(cfg.headers),
-                                         retry=retry, auth=auth, session=session,
-                                         timeout=cfg.timeout, method=cfg.method.upper())
+        client = PrometheusConnect(url=cfg.url.rstrip("/"), headers=dict(cfg.headers),
+                                   retry=retry, auth=self._auth, session=session,
+                                   timeout=cfg.timeout, method=cfg.method.upper())
         # replaces the client's plain adapter: bounded body size and total request time
-        session.mount(self._client.url, BoundedAdapter(cfg.max_response_bytes, cfg.timeout,
-                                                       max_retries=retry))
+        session.mount(client.url, BoundedAdapter(cfg.max_response_bytes, cfg.timeout,
+                                                 max_retries=retry))
+        self._local.client = client
+        with self._clients_lock:
+            self._clients.append(client)
+        return client
+
+    @property
+    def _client(self) -> PrometheusConnect:
+        """This thread's client."""
+        return self._client_for_thread()
 
     def describe(self) -> str:
         return f"prometheus {redact_url(self._cfg.url)}"
 
     def close(self) -> None:
-        self._client.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def _refresh_token(self) -> None:
         """Re-read the bearer token file on every request so rotated tokens are picked up."""

@@ -209,3 +209,29 @@ def test_only_series_always_builds_valid_promql(labelsets):
 
     text = only_series('sum by (instance) (rate(x{job="a"}[5m]))', labelsets)
     promql_parser.parse(text)  # raises on invalid PromQL
+
+
+def test_each_thread_pulls_with_its_own_session(fake_prom):
+    # The poller, the trainer and the query threads share one source; requests does not
+    # promise a Session is thread-safe, so each thread gets its own (and keeps it).
+    import threading
+
+    src = PrometheusSource(PrometheusConfig(url=fake_prom.url, timeout=5))
+    sessions: dict[str, list[object]] = {}
+
+    def pull(name: str) -> None:
+        for _ in range(2):
+            src.query_range("m", 0, 60, 60)
+            sessions.setdefault(name, []).append(src._client._session)
+
+    threads = [threading.Thread(target=pull, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pull("main")
+    assert len(fake_prom.requests) == 8
+    per_thread = [ss[0] for ss in sessions.values()]
+    assert all(ss[0] is ss[1] for ss in sessions.values())  # reused within a thread
+    assert len({id(s) for s in per_thread}) == 4  # never shared between threads
+    src.close()
