@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Model states, as shown in promvae_models{state} and the status API.
 PENDING = "pending"  # waiting for the next training batch (or for its stored model to load)
@@ -30,7 +33,7 @@ ANOMALY_METRICS = {
     "anomaly_observed": ("observed", "The source value the score was computed on."),
 }
 RESULT_FIELDS = ("observed", "score", "flag", "expected", "lower", "upper")
-_MAX_DROPPED_KEYS = 100_000
+_MAX_DROPPED_KEYS = 1_000_000  # ~60 MB of set at most; a fleet 100x over max_series
 
 
 def series_id(query: str, labels: Mapping[str, str]) -> str:
@@ -75,6 +78,8 @@ class SeriesState:
     calibrator: Any = None  # detector.calibration.Calibrator: the streaming threshold, across retrains
     adapt_requested: bool = False  # the new-normal policy asked for an early retrain
     regular_at: float = math.nan  # wall time of the last scheduled (not early) training
+    # Called after record() changed the results; the Registry bumps its generation with it.
+    on_result: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def add_points(self, ts: np.ndarray, vals: np.ndarray, overwrite: bool = True) -> int:
         """Merge points into the raw buffer; returns how many observed points are newer than it.
@@ -126,6 +131,8 @@ class SeriesState:
         for k in self.recent:
             self.recent[k] = self.recent[k][order][last][-keep_points:]
         self.scored_to = float(np.nanmax([self.scored_to, self.recent["timestamp"][-1]]))
+        if self.on_result is not None:
+            self.on_result()
 
     def last_result(self) -> dict[str, float] | None:
         """The newest scored point ("timestamp" + RESULT_FIELDS), or None before any."""
@@ -142,7 +149,8 @@ class Registry:
         self.max_series = max_series
         self._series: dict[str, SeriesState] = {}
         self._by_exposed: dict[tuple, str] = {}
-        self._dropped_keys: set[tuple[str, str]] = set()
+        self._dropped_keys: set[int] = set()  # 64-bit hashes of (query, series id)
+        self._dropped_overflow = False
         self.dropped: dict[str, int] = {}
         self.vanished: dict[str, dict[str, Any]] = {}  # id -> {query, labels, vanished_at}
         self.positions: dict[str, float] = {}  # query -> newest timestamp polled
@@ -151,6 +159,13 @@ class Registry:
         # index that another shard owns now (shard.count changed).
         self.owns: Callable[[str, Mapping[str, str]], bool] | None = None
         self.disowned: list[str] = []
+        # Bumped whenever the newest results of the registry may have changed (a series
+        # recorded results or was removed): /metrics re-renders anomaly_* only when it moves.
+        self.generation = 0
+
+    def results_changed(self) -> None:
+        """Bump the generation (under the lock); call it when publishing without record()."""
+        self.generation += 1
 
     def __len__(self) -> int:
         return len(self._series)
@@ -172,11 +187,20 @@ class Registry:
             return [s for s in self._series.values() if s.query == query]
 
     def _drop(self, reason: str, key: tuple[str, str]) -> None:
-        if key in self._dropped_keys:
+        """Count a dropped series once, however often it is seen again."""
+        # 8 bytes of hash per key instead of the key's strings: a fleet over max_series sees
+        # the same dropped series every poll, and forgetting them (clearing the set) would
+        # count them all again.
+        h = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
+        if h in self._dropped_keys:
             return
         if len(self._dropped_keys) >= _MAX_DROPPED_KEYS:
-            self._dropped_keys.clear()
-        self._dropped_keys.add(key)
+            if not self._dropped_overflow:
+                self._dropped_overflow = True
+                log.warning("more than %d distinct series dropped; further drops are no longer "
+                            "counted in promvae_series_dropped", _MAX_DROPPED_KEYS)
+            return
+        self._dropped_keys.add(h)
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def upsert(self, query: str, labels: Mapping[str, str]) -> SeriesState | None:
@@ -199,7 +223,7 @@ class Registry:
                 return None
             gone = self.vanished.pop(sid, None)
             s = SeriesState(id=sid, query=query, labels=labels, exposed=exposed,
-                            stored=gone is not None)
+                            stored=gone is not None, on_result=self.results_changed)
             self._series[sid] = s
             self._by_exposed[ekey] = sid
             return s
@@ -234,6 +258,7 @@ class Registry:
             if s is None:
                 return
             self._by_exposed.pop((s.query, tuple(sorted(s.exposed.items()))), None)
+            self.results_changed()
             if s.stored or s.model is not None:
                 self.vanished[sid] = {"query": s.query, "labels": s.labels, "vanished_at": wall}
 

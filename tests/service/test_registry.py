@@ -121,3 +121,16 @@ def test_counts_by_state_lists_every_state():
     reg.upsert("q", {"i": "b"})
     counts = reg.counts_by_state()
     assert counts == {"pending": 1, "ready": 1, "insufficient_data": 0, "failed": 0}
+
+
+def test_a_full_set_of_dropped_series_never_counts_one_twice(monkeypatch, caplog):
+    from grafana_plugin_backend.service import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_MAX_DROPPED_KEYS", 3)
+    reg = Registry(max_series=1)
+    reg.upsert("q", {"i": "kept"})
+    for poll in range(3):  # the same fleet over the cap, seen every poll
+        for i in range(5):
+            reg.upsert("q", {"i": str(i)})
+    assert reg.dropped == {"max_series": 3}  # 3 remembered; the rest are not counted twice
+    assert "no longer counted" in caplog.text
