@@ -29,8 +29,8 @@ from ..source.demo import DemoSource
 from ..source.prometheus import PrometheusSource, Source
 from . import access, query_api, remote_read, shard
 from .explain import bp as explain_bp
+from .exposition import AnomalyText, build_registry
 from .exposition import bp as exposition_bp
-from .exposition import build_registry
 from .status import bp as status_bp
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Service:
         if self.shard.count > 1:
             self.registry.owns = self.shard.owns
         self.metrics_registry, self.metrics = build_registry(self.registry)
+        self.anomaly_text = AnomalyText(self.registry)  # the anomaly_* block of /metrics
         self.store = ModelStore(cfg.storage_path)
         self.ready = threading.Event()
         self.started_at = clock()
