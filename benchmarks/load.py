@@ -25,6 +25,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
@@ -81,37 +82,81 @@ def source_values(ids: np.ndarray, t: np.ndarray) -> np.ndarray:
             + 3 * np.sin(2 * np.pi * (t[None, :] / 5400.0 + i / 7)) + 2 * noise)
 
 
-def matrix_body(n_series: int, start: float, end: float, step: float, t0: float) -> bytes:
-    """A Prometheus query_range answer for every series on start + k*step <= min(end, now)."""
+@dataclass(frozen=True)
+class Metric:
+    """One metric the synthetic Prometheus serves: `n_series` series `name{instance="host-i"}`
+    whose values are `values(ids, t)` (a module-level function, so a spawned child can load it)."""
+
+    name: str
+    n_series: int
+    values: Callable[[np.ndarray, np.ndarray], np.ndarray] = source_values
+    job: str = "load"
+
+
+def matrix_body(n_series: int, start: float, end: float, step: float, t0: float, *,
+                metric: Metric | None = None, history: float = SOURCE_HISTORY,
+                ids: Sequence[int] | None = None) -> bytes:
+    """A Prometheus query_range answer for every series on start + k*step <= min(end, now).
+
+    `metric` (default: EXPR with `n_series` series of source_values) is what is served, from
+    t0 - `history` on; `ids` restricts the answer to those series, as a selector would.
+    """
+    m = metric or Metric(EXPR, n_series)
     end = min(end, time.time())
-    first = max(start, start + math.ceil((t0 - SOURCE_HISTORY - start) / step) * step)
+    first = max(start, start + math.ceil((t0 - history - start) / step) * step)
     n = math.floor((end - first) / step + 1e-9) + 1 if end >= first else 0
     result = []
-    if n > 0:
+    idx = np.arange(m.n_series) if ids is None else np.array(
+        sorted(i for i in set(ids) if 0 <= i < m.n_series), dtype=np.int64)
+    if n > 0 and len(idx):
         grid = first + step * np.arange(n)
-        vals = source_values(np.arange(n_series), grid)
+        vals = m.values(idx, grid)
         times = [f"{t:.3f}".rstrip("0").rstrip(".") for t in grid]
-        for i in range(n_series):
-            pairs = ",".join(f'[{t},"{v:.4f}"]' for t, v in zip(times, vals[i].tolist()))
-            result.append(f'{{"metric":{{"__name__":"{EXPR}","instance":"host-{i}",'
-                          f'"job":"load"}},"values":[{pairs}]}}')
+        for i, row in zip(idx.tolist(), vals.tolist()):
+            pairs = ",".join(f'[{t},"{v:.4f}"]' for t, v in zip(times, row))
+            result.append(f'{{"metric":{{"__name__":"{m.name}","instance":"host-{i}",'
+                          f'"job":"{m.job}"}},"values":[{pairs}]}}')
     return ('{"status":"success","data":{"resultType":"matrix","result":['
             + ",".join(result) + "]}}").encode()
 
 
+_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+# What only_series() (source/prometheus.py) appends to narrow a query to some series.
+_WANTED_INSTANCE = re.compile(r'label_replace\(vector\(1\), "instance", "host-(\d+)"')
+
+
+def pick_metric(metrics: Sequence[Metric], query: str) -> Metric | None:
+    """The metric a query reads: the only one, or the one whose name the query mentions."""
+    if len(metrics) == 1:
+        return metrics[0]  # whatever the query (load.py's source answers everything)
+    names = set(_IDENT.findall(query))
+    return next((m for m in metrics if m.name in names), None)
+
+
+def wanted_ids(query: str) -> list[int] | None:
+    """Series a query narrowed by only_series() asks for (None: not narrowed, all)."""
+    if " and on(" not in query:
+        return None
+    found = _WANTED_INSTANCE.findall(query)
+    return [int(i) for i in found] if found else None
+
+
 class SourceServer(ThreadingHTTPServer):
-    """The synthetic Prometheus: `n_series` series from `t0` - SOURCE_HISTORY on."""
+    """The synthetic Prometheus: `n_series` series (or `metrics`) from `t0` - `history` on."""
 
     daemon_threads = True
 
-    def __init__(self, n_series: int) -> None:
+    def __init__(self, n_series: int, metrics: Sequence[Metric] | None = None,
+                 history: float = SOURCE_HISTORY) -> None:
         super().__init__(("127.0.0.1", 0), SourceHandler)
-        self.n_series, self.t0 = n_series, time.time()
+        self.n_series, self.t0, self.history = n_series, time.time(), history
+        self.metrics = tuple(metrics) if metrics else (Metric(EXPR, n_series),)
         self.counts = {"/api/v1/query_range": 0, "/api/v1/query": 0}
 
 
 class SourceHandler(BaseHTTPRequestHandler):
-    """Answers query_range (every series, whatever the query) and an empty instant query."""
+    """Answers query_range (every series of the metric the query names, or of the only one,
+    narrowed as only_series() asks) and an empty instant query."""
 
     server: SourceServer
 
@@ -132,8 +177,12 @@ class SourceHandler(BaseHTTPRequestHandler):
         srv = self.server
         try:
             if path == "/api/v1/query_range":
+                query = params.get("query", [""])[0]
+                metric = pick_metric(srv.metrics, query)
+                ids = wanted_ids(query) if metric is not None else []
                 body = matrix_body(srv.n_series, float(params["start"][0]),
-                                   float(params["end"][0]), float(params["step"][0]), srv.t0)
+                                   float(params["end"][0]), float(params["step"][0]), srv.t0,
+                                   metric=metric, history=srv.history, ids=ids)
             elif path == "/api/v1/query":
                 body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
             else:
@@ -150,9 +199,10 @@ class SourceHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve_source(conn: Connection, n_series: int) -> None:
+def serve_source(conn: Connection, n_series: int, metrics: Sequence[Metric] | None = None,
+                 history: float = SOURCE_HISTORY) -> None:
     """Child process: serve the synthetic Prometheus; send its port, then pull counts on demand."""
-    srv = SourceServer(n_series)
+    srv = SourceServer(n_series, metrics, history)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     conn.send(srv.server_address[1])
     while conn.recv() != "stop":
@@ -163,10 +213,12 @@ def serve_source(conn: Connection, n_series: int) -> None:
 class SyntheticPrometheus:
     """The synthetic source in a child process (its own GIL): start(), counts(), stop()."""
 
-    def __init__(self, n_series: int) -> None:
+    def __init__(self, n_series: int, metrics: Sequence[Metric] | None = None,
+                 history: float = SOURCE_HISTORY) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=serve_source, args=(child, n_series), daemon=True)
+        self.process = ctx.Process(target=serve_source, args=(child, n_series, metrics, history),
+                                   daemon=True)
         self.url = ""
 
     def start(self) -> SyntheticPrometheus:
@@ -193,7 +245,9 @@ class SyntheticPrometheus:
 class PromvaeProcess:
     """`python -m grafana_plugin_backend.cli serve` with a config for the synthetic source."""
 
-    def __init__(self, workdir: Path, source_url: str, n_series: int, quick: bool) -> None:
+    def __init__(self, workdir: Path, source_url: str, n_series: int, quick: bool,
+                 config: dict | None = None) -> None:
+        """`config` (a promvae config mapping) replaces load.py's own, the URL set to the source."""
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -202,6 +256,8 @@ class PromvaeProcess:
                "step": "60s", "history": "12h" if quick else "1d",
                "window": QUICK_WINDOW if quick else WINDOW, "max_series": max(1000, n_series),
                "model": QUICK_MODEL if quick else MODEL}
+        if config is not None:
+            cfg = {**config, "prometheus": {**config.get("prometheus", {}), "url": source_url}}
         self.config_path = workdir / "promvae.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
