@@ -54,6 +54,83 @@ def exposed_labels(query: str, labels: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def merge_points(buf_ts: np.ndarray, buf_vals: np.ndarray, ts: np.ndarray, vals: np.ndarray,
+                 overwrite: bool = True) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """A raw buffer merged with new points: (timestamps, values, observed points newer than
+    the buffer, oldest timestamp at or before the buffer's newest that was inserted or
+    changed, inf if none). Pure: the poller merges outside the registry lock."""
+    ts = np.asarray(ts, dtype=np.float64)
+    vals = np.asarray(vals, dtype=np.float64)
+    if len(ts) == 0:
+        return buf_ts, buf_vals, 0, math.inf
+    newest = buf_ts[-1] if len(buf_ts) else -math.inf
+    if ts[0] > newest and (len(ts) == 1 or bool(np.all(ts[1:] > ts[:-1]))):
+        # Only newer points, in order (every poll): append.
+        fresh = int(np.isfinite(vals).sum())
+        return np.concatenate([buf_ts, ts]), np.concatenate([buf_vals, vals]), fresh, math.inf
+    fresh = int(np.isfinite(vals[ts > newest]).sum())
+    changed = math.inf
+    old = ts <= newest
+    if old.any():
+        t_old, v_old = ts[old], vals[old]
+        at = np.minimum(np.searchsorted(buf_ts, t_old), len(buf_ts) - 1)
+        there = buf_ts[at] == t_old
+        prev = buf_vals[at]
+        same = there & ((prev == v_old) | (np.isnan(prev) & np.isnan(v_old)))
+        moved = ~there if not overwrite else ~same
+        if moved.any():
+            changed = float(t_old[moved].min())
+    parts_t, parts_v = [buf_ts, ts], [buf_vals, vals]
+    if not overwrite:
+        parts_t.reverse()
+        parts_v.reverse()
+    all_t = np.concatenate(parts_t)
+    all_v = np.concatenate(parts_v)
+    order = np.argsort(all_t, kind="stable")
+    t, v = all_t[order], all_v[order]
+    last = np.r_[t[1:] != t[:-1], True]
+    return t[last], v[last], fresh, changed
+
+
+def trim_index(buf_ts: np.ndarray, scored_to: float, step: float, lead_in: int,
+               max_points: int) -> int:
+    """How many of the oldest raw points are no longer needed as lead-in."""
+    keep_from = -math.inf
+    if math.isfinite(scored_to):  # a model exists or is about to load
+        keep_from = scored_to - lead_in * step
+    elif len(buf_ts):
+        keep_from = buf_ts[-1] - lead_in * step
+    if len(buf_ts):
+        keep_from = max(keep_from, buf_ts[-1] - (max_points - 1) * step)
+    return int(np.searchsorted(buf_ts, keep_from - 1e-6 * step))
+
+
+def merged_recent(recent: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray],
+                  keep_points: int) -> dict[str, np.ndarray]:
+    """The recent buffer with scored rows merged in (newest keep_points, rows win on equal
+    timestamps). Pure: the poller merges outside the registry lock."""
+    keys = ("timestamp",) + RESULT_FIELDS
+    old_t = recent.get("timestamp")
+    new_t = np.asarray(rows["timestamp"], dtype=np.float64)
+    if old_t is None or not len(old_t) or (len(new_t) and new_t[0] > old_t[-1]
+                                            and bool(np.all(new_t[1:] > new_t[:-1]))):
+        # Newer rows in order (every poll): append and keep the newest.
+        if old_t is None or not len(old_t):
+            if len(new_t) < 2 or bool(np.all(new_t[1:] > new_t[:-1])):
+                return {k: np.asarray(rows[k], dtype=np.float64)[-keep_points:].copy() for k in keys}
+        else:
+            n_old = max(0, keep_points - len(new_t))
+            return {k: np.concatenate([recent[k][len(recent[k]) - n_old:] if n_old else recent[k][:0],
+                                       np.asarray(rows[k], dtype=np.float64)])[-keep_points:]
+                    for k in keys}
+    out = {k: np.concatenate([recent.get(k, np.empty(0)), np.asarray(rows[k], dtype=np.float64)])
+           for k in keys}
+    order = np.argsort(out["timestamp"], kind="stable")
+    t = out["timestamp"][order]
+    last = np.r_[t[1:] != t[:-1], True]
+    return {k: out[k][order][last][-keep_points:] for k in out}
+
+
 @dataclass
 class SeriesState:
     """Everything promvae knows about one series. Mutate only under Registry.lock."""
@@ -78,6 +155,9 @@ class SeriesState:
     calibrator: Any = None  # detector.calibration.Calibrator: the streaming threshold, across retrains
     adapt_requested: bool = False  # the new-normal policy asked for an early retrain
     regular_at: float = math.nan  # wall time of the last scheduled (not early) training
+    # Oldest buffered timestamp add_points inserted or changed at or before the buffer's newest
+    # point since the poller last looked: windows over it must be scored again.
+    rewritten_from: float = math.inf
     # Called after record() changed the results; the Registry bumps its generation with it.
     on_result: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -86,35 +166,15 @@ class SeriesState:
 
         overwrite: on equal timestamps the given values win (else the buffered ones do).
         """
-        ts = np.asarray(ts, dtype=np.float64)
-        vals = np.asarray(vals, dtype=np.float64)
-        if len(ts) == 0:
-            return 0
-        newest = self.buf_ts[-1] if len(self.buf_ts) else -math.inf
-        fresh = int(np.isfinite(vals[ts > newest]).sum())
-        parts_t, parts_v = [self.buf_ts, ts], [self.buf_vals, vals]
-        if not overwrite:
-            parts_t.reverse()
-            parts_v.reverse()
-        all_t = np.concatenate(parts_t)
-        all_v = np.concatenate(parts_v)
-        order = np.argsort(all_t, kind="stable")
-        t, v = all_t[order], all_v[order]
-        last = np.r_[t[1:] != t[:-1], True]
-        self.buf_ts, self.buf_vals = t[last], v[last]
+        t, v, fresh, changed = merge_points(self.buf_ts, self.buf_vals, ts, vals, overwrite)
+        self.buf_ts, self.buf_vals = t, v
         self.observed_estimate += fresh
+        self.rewritten_from = min(self.rewritten_from, changed)
         return fresh
 
     def trim(self, step: float, lead_in: int, max_points: int) -> None:
         """Drop raw points no longer needed as lead-in for the next points to score."""
-        keep_from = -math.inf
-        if math.isfinite(self.scored_to):  # a model exists or is about to load
-            keep_from = self.scored_to - lead_in * step
-        elif len(self.buf_ts):
-            keep_from = self.buf_ts[-1] - lead_in * step
-        if len(self.buf_ts):
-            keep_from = max(keep_from, self.buf_ts[-1] - (max_points - 1) * step)
-        first = int(np.searchsorted(self.buf_ts, keep_from - 1e-6 * step))
+        first = trim_index(self.buf_ts, self.scored_to, step, lead_in, max_points)
         if first:
             self.buf_ts, self.buf_vals = self.buf_ts[first:], self.buf_vals[first:]
 
@@ -122,14 +182,11 @@ class SeriesState:
         """Append scored rows ("timestamp" + RESULT_FIELDS, each (N,)) to the recent buffer."""
         if not len(rows["timestamp"]):
             return
-        for k in ("timestamp",) + RESULT_FIELDS:
-            old = self.recent.get(k, np.empty(0))
-            self.recent[k] = np.concatenate([old, np.asarray(rows[k], dtype=np.float64)])
-        order = np.argsort(self.recent["timestamp"], kind="stable")
-        t = self.recent["timestamp"][order]
-        last = np.r_[t[1:] != t[:-1], True]
-        for k in self.recent:
-            self.recent[k] = self.recent[k][order][last][-keep_points:]
+        self.publish(merged_recent(self.recent, rows, keep_points))
+
+    def publish(self, recent: dict[str, np.ndarray]) -> None:
+        """Make `recent` (from merged_recent on the current one) the recent buffer."""
+        self.recent = recent
         self.scored_to = float(np.nanmax([self.scored_to, self.recent["timestamp"][-1]]))
         if self.on_result is not None:
             self.on_result()
@@ -154,6 +211,7 @@ class Registry:
         self.dropped: dict[str, int] = {}
         self.vanished: dict[str, dict[str, Any]] = {}  # id -> {query, labels, vanished_at}
         self.positions: dict[str, float] = {}  # query -> newest timestamp polled
+        self.membership = 0  # bumped whenever a series is added or removed (index writes)
         # Shards: series for which owns(query, labels) is False belong to another instance;
         # they are neither kept nor counted as dropped. disowned: ids of the previous run's
         # index that another shard owns now (shard.count changed).
@@ -225,6 +283,7 @@ class Registry:
             s = SeriesState(id=sid, query=query, labels=labels, exposed=exposed,
                             stored=gone is not None, on_result=self.results_changed)
             self._series[sid] = s
+            self.membership += 1
             self._by_exposed[ekey] = sid
             return s
 
@@ -257,6 +316,7 @@ class Registry:
             s = self._series.pop(sid, None)
             if s is None:
                 return
+            self.membership += 1
             self._by_exposed.pop((s.query, tuple(sorted(s.exposed.items()))), None)
             self.results_changed()
             if s.stored or s.model is not None:

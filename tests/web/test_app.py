@@ -109,7 +109,7 @@ def test_lifecycle_with_bad_input_and_restart(world, tmp_path):
     assert sample(app, "promvae_models_trained_total") == 5
 
     # Restart: a new service on the same storage loads the models and scores the missed points.
-    svc.persist()
+    svc.persist(final=True)  # as stop() does
     last = svc.registry.get_by_labels("q", {"i": "normal"}).scored_to
     world.clock.advance(30 * 60)
     app2 = world.app(tmp_path)
@@ -175,3 +175,34 @@ def test_a_hanging_prometheus_never_blocks_serving(tmp_path):
     finally:
         release.set()
         svc.stop(timeout=10)
+
+
+def test_the_index_is_written_when_series_change_and_on_a_timer_not_every_poll(world, tmp_path,
+                                                                                monkeypatch):
+    app = world.app(tmp_path)
+    svc = app.extensions["promvae"]
+    writes: list[int] = []
+    real = svc.store.write_index
+
+    def counting(data):
+        writes.append(len(data["series"]))
+        real(data)
+
+    monkeypatch.setattr(svc.store, "write_index", counting)
+    svc.poller.poll_once()  # discovers the six series
+    assert writes == [6]
+    for _ in range(5):  # 10 s apart: nothing new, the 60 s timer not yet due
+        world.clock.advance(10)
+        svc.poller.poll_once()
+    assert writes == [6]
+    world.clock.advance(15)
+    svc.poller.poll_once()  # 65 s since the last write: positions are saved
+    assert writes == [6, 6]
+    svc.trainer.run_once()  # models stored: the index must name them now
+    assert len(writes) == 3
+    world.add("newcomer", seasonal(seed=9))
+    world.clock.advance(60)  # the next step: the newcomer's first point
+    svc.poller.poll_once()
+    assert writes[-1] == 7, writes
+    svc.stop()  # and at stop, always
+    assert len(writes) == 5
