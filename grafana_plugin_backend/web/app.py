@@ -36,6 +36,10 @@ from .status import bp as status_bp
 log = logging.getLogger(__name__)
 
 CALIBRATION_SAVE_EVERY = 300.0  # seconds between writes of the streaming thresholds
+# The index is rewritten when series come, go or get a stored model, else at most this often:
+# its positions only save re-pulling (a restart catches up from older ones), and a 10,000-
+# series index written with two fsyncs every poll is I/O for nothing.
+INDEX_SAVE_EVERY = 60.0
 
 
 class Service:
@@ -64,6 +68,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._persist_lock = threading.Lock()
         self._calibration_saved = -math.inf
+        self._index_saved, self._index_key = -math.inf, None
         self._opened = False
         extra: dict[str, Any] = {} if score_fn is None else {"score_fn": score_fn}
         self.poller = Poller(cfg, self.queries, source, self.registry, self.metrics,
@@ -137,14 +142,21 @@ class Service:
         self.source.close()
 
     def persist(self, final: bool = False) -> None:
-        """Write the series index (labels, positions) and, every CALIBRATION_SAVE_EVERY
-        seconds and at stop, the streaming thresholds; a failure is logged and counted."""
+        """Write the series index (labels, positions) when its series changed or every
+        INDEX_SAVE_EVERY seconds, the streaming thresholds every CALIBRATION_SAVE_EVERY
+        seconds, and both at stop; a failure is logged and counted."""
         with self._persist_lock:
-            try:
-                self.store.write_index(index_of(self.registry))
-            except OSError as e:
-                self.metrics.training_errors.labels("save").inc()
-                log.error("cannot write the series index %s: %s", self.store.index_path, e)
+            now = self.clock()
+            with self.registry.lock:
+                key = (self.registry.membership, len(self.registry.vanished),
+                       sum(s.stored for s in self.registry.all()))
+            if final or key != self._index_key or now - self._index_saved >= INDEX_SAVE_EVERY:
+                try:
+                    self.store.write_index(index_of(self.registry))
+                    self._index_saved, self._index_key = now, key
+                except OSError as e:
+                    self.metrics.training_errors.labels("save").inc()
+                    log.error("cannot write the series index %s: %s", self.store.index_path, e)
             now = time.monotonic()
             if final or now - self._calibration_saved >= CALIBRATION_SAVE_EVERY:
                 self._calibration_saved = now
