@@ -222,29 +222,37 @@ class RangeBacktest:
     result: ScoreResult  # every point of the pulled grid; before `first_model_at`: NaN
     first_model_at: float  # when the first model took over (unix s)
     first_history: float  # seconds of history the first model trained on
-    cold_start: bool  # True: too little history before the range, trained as a new series
+    cold_start: bool  # True: too little history before the range; the first model came later
     retrains: int = 0
     early: int = 0
     failed: int = 0
     adaptations: int = 0
 
 
-def first_cut(grid: Series, start: float, config: VAEConfig) -> tuple[int, bool]:
+def first_cut(grid: Series, start: float, config: VAEConfig, warmup: float = 0.0) -> tuple[int, bool]:
     """Index of the last point the first model trains on, and whether it is a cold start.
 
-    The service started at `start` would train on the history it finds there; a series with
-    fewer than `min_train_points` observed points by then is a new series to the service,
-    trained as soon as it has them.
+    A first model needs `min_train_points` observed points spanning at least `warmup`
+    seconds. When the grid holds that before `start`, the first model is the one a service
+    started at `start` would train (a warm start). Otherwise (a cold start) it is the one a
+    service started as soon as the series had that much would train; a series shorter than
+    `warmup` trains once it has `min_train_points`, as a new series does in the service.
     """
     need = min_train_points(config)
-    seen = np.cumsum(np.isfinite(grid.values))
-    before = int(np.searchsorted(grid.timestamps, start))  # points with t < start
-    if before > 0 and seen[before - 1] >= need:
-        return before - 1, False
+    v = np.isfinite(grid.values)
+    seen = np.cumsum(v)
     if not len(seen) or seen[-1] < need:
         raise InsufficientDataError(
             f"only {int(seen[-1]) if len(seen) else 0} observed points; a model needs {need}")
-    return int(np.searchsorted(seen, need)), True
+    t = grid.timestamps
+    step = float(t[1] - t[0]) if len(t) > 1 else 0.0
+    enough = int(np.searchsorted(seen, need))
+    spans = int(np.searchsorted(t, t[int(np.argmax(v))] + warmup - step - 1e-6))
+    ready = max(enough, spans)
+    before = int(np.searchsorted(t, start))  # points with t < start
+    if ready <= before - 1:
+        return before - 1, False
+    return (ready if ready < len(t) else enough), True
 
 
 def backtest_range(
@@ -254,20 +262,25 @@ def backtest_range(
     config: VAEConfig,
     deployment: Deployment | None = DEPLOYED,
     log: Callable[[str], None] | None = None,
+    warmup: float | None = None,
 ) -> list[RangeBacktest | Exception]:
     """Replay the service on regular grids that begin up to `history` before `start`.
 
-    The first model of each series trains on what the grid holds before `start` (see
-    `first_cut`); then, deployed, it retrains and calibrates as the service does; with
-    deployment None that model scores the rest. Returns per series a RangeBacktest or the
-    Exception that kept it from training.
+    The first model of each series trains on what the grid holds before `start`, or, with
+    too little there, on its first `warmup` (default: the deployment's retrain_every, or a
+    day trained once); see `first_cut`. Then, deployed, it retrains and calibrates as the
+    service does; with deployment None that model scores the rest. Points up to the first
+    model's are not scored. Returns per series a RangeBacktest or the Exception that kept
+    it from training.
     """
+    if warmup is None:
+        warmup = deployment.retrain_every if deployment is not None else 86400.0
     out: list[RangeBacktest | Exception] = [None] * len(grids)  # type: ignore[list-item]
     todo: list[int] = []
     cuts: dict[int, tuple[int, bool]] = {}
     for i, g in enumerate(grids):
         try:
-            cuts[i] = first_cut(g, start, config)
+            cuts[i] = first_cut(g, start, config, warmup)
             todo.append(i)
         except InsufficientDataError as e:
             out[i] = e

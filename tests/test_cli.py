@@ -78,3 +78,44 @@ def test_serve_with_an_unusable_storage_path_exits_cleanly(tmp_path, caplog):
     assert main(["serve", "--storage.path", str(blocker), "--web.listen-address",
                  "127.0.0.1:0"]) == 1
     assert "not writable" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--query", "nope", "--range", "7d"], "no query named 'nope' in the built-in demo"),
+    (["--query", "cpu_busy", "--expr", "up", "--range", "7d"], "exactly one of --query NAME and"),
+    (["--query", "cpu_busy"], "give the time range: --range DURATION"),
+    (["--query", "cpu_busy", "--range", "a week"], "--range: not a duration: 'a week'"),
+    (["--query", "cpu_busy", "--range", "1d", "--start", "now-2d"], "--range or --start, not both"),
+    (["--query", "cpu_busy", "--start", "now", "--end", "now-1d"], "the range is empty"),
+    (["--query", "cpu_busy", "--start", "last tuesday"], "cannot parse time 'last tuesday'"),
+    (["--query", "cpu_busy", "--range", "1d", "--input", "x.csv"],
+     "--input is for CSV input, not for --query/--expr"),
+    (["--expr", "up", "--range", "1d", "--train-points", "9"], "--train-points is for CSV input"),
+    (["--range", "7d", "--plot", "x.png"], "--range, --plot need --query NAME or --expr PROMQL"),
+    (["--query", "cpu_busy", "--range", "1d", "--top", "0"], "--top must be at least 1"),
+    (["--query", "cpu_busy", "--range", "1d", "--plot", "/nonexistent/dir/r.png"],
+     "--plot /nonexistent/dir/r.png: no such directory"),
+])
+def test_backtest_query_bad_arguments_exit_2_with_one_line(capsys, args, message):
+    assert main(["backtest", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("promvae backtest: ") and message in err
+
+
+def test_backtest_query_without_series_exits_1(capsys):
+    assert main(["backtest", "--expr", "no_such_metric", "--range", "1h"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("promvae backtest: pulling no_such_metric from built-in demo")
+    assert err[-1].startswith("promvae backtest: query no_such_metric returned no series from ")
+
+
+def test_backtest_query_unreachable_prometheus_exits_1(tmp_path, capsys):
+    from tests.promstack import free_port
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"prometheus: {{url: 'http://127.0.0.1:{free_port()}', retries: 0}}\n"
+                   "queries: [{name: app, expr: app_value}]\n")
+    assert main(["backtest", "--config.file", str(cfg), "--query", "app", "--range", "1h"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("promvae backtest: cannot reach Prometheus at http://127.0.0.1:")

@@ -54,6 +54,12 @@ def test_first_cut_uses_the_history_before_the_range_or_starts_cold(tiny_config)
     gappy = v.copy()
     gappy[:50] = np.nan  # missing points do not count towards `need`
     assert first_cut(Series(t, gappy), t[0], tiny_config) == (50 + need - 1, True)
+    # with a warm-up the first model waits until the series spans it (here 300 points) ...
+    assert first_cut(Series(t, v), t[10], tiny_config, warmup=300 * 60.0) == (299, True)
+    assert first_cut(Series(t, v), t[350], tiny_config, warmup=300 * 60.0) == (349, False)
+    assert first_cut(Series(t, gappy), t[0], tiny_config, warmup=300 * 60.0) == (349, True)
+    # ... unless the series is shorter than the warm-up: then as a new series in the service
+    assert first_cut(Series(t[:250], v[:250]), t[0], tiny_config, warmup=300 * 60.0) == (need - 1, True)
     with pytest.raises(ValueError, match=f"only 40 observed points; a model needs {need}"):
         first_cut(Series(t[:40], v[:40]), t[0], tiny_config)
 
