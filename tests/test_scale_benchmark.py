@@ -68,6 +68,9 @@ def test_training_log_phases_add_up_over_batches() -> None:
     assert tl.loop_s == pytest.approx(10.5 + 2.0)
     assert tl.fit_s == pytest.approx(20.0 + 1.0)
     assert tl.batch_s == pytest.approx(43.0)
+    # Only the first batch logged its first validation ("trained 0/500"): the steady rate is
+    # timed from there to "trained 500/500".
+    assert tl.steady_models == [500] and tl.steady_s == pytest.approx(5.5)
 
 
 def test_the_fleet_spreads_series_over_queries_of_different_shapes() -> None:
@@ -89,17 +92,20 @@ def test_the_fleet_spreads_series_over_queries_of_different_shapes() -> None:
 
 @pytest.mark.integration
 def test_smoke_run_measures_every_figure() -> None:
-    opt = scale.Options(series=(20,), queries=2, max_steps=2, window=16, history=3 * 3600.0,
+    # max_steps by default: one epoch (3 steps of 64 windows at 3 h) plus STEADY_STEPS.
+    opt = scale.Options(series=(20,), queries=2, window=16, history=3 * 3600.0,
                         poll_every=3.0, polls=1, scrapes=2, queries_repeat=1)
     out = scale.run(opt, say=lambda s: None)
     (r,) = out["sizes"]
     assert r["series"] == 20 and r["train_batches_timed"] >= 1 and r["trained_in_batches"] == 20
+    assert r["steps_run"] == 3 + scale.STEADY_STEPS
     for key, _, _, _ in scale.FIGURES:
         if key == "lock_s" and not r["lock_exposed"]:
             assert r[key] is None  # printed as "n/a (not exposed)"
             continue
         assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, key
     assert r["instant_series"] == 20 and r["range_series"] == 20
+    assert r["prom_error"] is None and r["prom_samples"] >= r["metrics_samples"]
     assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"]
     text = scale.report(out["sizes"], out["meta"])
     assert "| poll tick (s) |" in text and "not run" in text
