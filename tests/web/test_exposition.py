@@ -17,7 +17,7 @@ from grafana_plugin_backend.service.registry import ANOMALY_METRICS, READY
 from grafana_plugin_backend.web.app import create_app
 from tests.fake_results import TRICKY_VALUES, fill, result_rows
 from tests.promstack import PROMTOOL_BIN, require_binary
-from tests.service_fixtures import FakeClock, FakeSource, make_config
+from tests.service_fixtures import FakeClock, FakeSource, make_config, started_service
 
 KNOWN_LINT = "promvae_shard_count "
 
@@ -233,3 +233,17 @@ def test_promtool_accepts_ten_thousand_series(tmp_path):
     # known problem is a self-metric outside this module (promvae_shard_count's "_count").
     assert out.returncode in (0, 3), problems
     assert all(p.startswith(KNOWN_LINT) for p in problems), problems
+
+
+def test_each_poll_shows_up_in_the_cached_block(tmp_path):
+    """Through the real poller (fake models): whatever path publishes results must move the
+    registry generation, or /metrics keeps the previous poll's values."""
+    clock = FakeClock()
+    source = FakeSource(clock)
+    source.set("metric_a", {"i": "a"}, lambda t: 1.0 + (t // 60) % 7)
+    app, svc = started_service(make_config(tmp_path), source, clock)
+    for _ in range(3):
+        observed = scrape(app)["anomaly_observed"].samples
+        assert [s.value for s in observed] == [1.0 + (clock() // 60) % 7]
+        clock.advance(60)
+        svc.poller.poll_once()
