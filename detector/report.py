@@ -180,6 +180,24 @@ def _incident(s: SeriesReport, e: Episode) -> str:
             f"({fmt_duration(e.duration(s.step))}), peak {e.peak:.2f} at {fmt_time(e.peak_at)}")
 
 
+def _notes(series: Sequence[SeriesReport]) -> list[str]:
+    """The notes section: each note's parts ("; "-separated), one line for a part that every
+    series shares (a cold start of them all would repeat a dozen times)."""
+    holders: dict[str, list[str]] = {}
+    for s in series:
+        for part in filter(None, s.note.split("; ")):
+            holders.setdefault(part, []).append(s.name)
+    if not holders:
+        return []
+    lines = ["notes"]
+    for part, names in holders.items():
+        if len(names) == len(series) > 1:
+            lines.append(f"  all {len(names)} series: {part}")
+        else:
+            lines.extend(f"  {name}: {part}" for name in names)
+    return lines
+
+
 def format_report(rep: QueryReport, worst: int = 3, total_worst: int = 5) -> str:
     """The plain-text report: one table row per series, their worst incidents, the totals."""
     lines = [(f"backtest of {rep.query}: {fmt_time(rep.start)} to {fmt_time(rep.end)} UTC "
@@ -194,10 +212,7 @@ def format_report(rep: QueryReport, worst: int = 3, total_worst: int = 5) -> str
         lines.append(f"  {s.name:<{width}}  {fmt_duration(s.evaluated_days * DAY):>9}  "
                      f"{len(s.episodes):>8}  {_num(s.episodes_per_day, '.2f'):>7}  "
                      f"{_num(100 * s.flagged_share, '.2f') + '%':>7}  {_num(s.peak, '.2f'):>6}")
-    notes = [s for s in rep.series if s.note]
-    if notes:
-        lines.append("notes")
-        lines.extend(f"  {s.name}: {s.note}" for s in notes)
+    lines.extend(_notes(rep.series))
     with_episodes = [s for s in rep.series if s.episodes]
     if with_episodes:
         lines.append(f"worst incidents per series (up to {worst})")

@@ -81,3 +81,11 @@ def test_query_report_sorts_by_peak_and_totals():
 def test_report_without_episodes_says_so():
     quiet = summarize("quiet", result(np.zeros(100), np.zeros(100)), STEP)
     assert "no flag episodes" in format_report(QueryReport("q", T0, T0 + 6000, "m", [quiet]))
+
+
+def test_notes_shared_by_every_series_are_said_once():
+    a = summarize("a", result(np.zeros(100), np.zeros(100)), STEP, note="cold start; 1 adopted")
+    b = summarize("b", result(np.zeros(100), np.zeros(100)), STEP, note="cold start")
+    text = format_report(QueryReport("q", T0, T0 + 6000, "m", [a, b]))
+    assert "notes\n  all 2 series: cold start\n  a: 1 adopted\n" in text
+    assert text.count("cold start") == 1
