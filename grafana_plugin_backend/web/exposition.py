@@ -32,8 +32,9 @@ from .. import __version__
 from ..service.registry import ANOMALY_METRICS, STATES, Registry
 from ..service.selfmetrics import DROP_REASONS, SelfMetrics
 
-# zlib level 1: ~4x faster than the default 6 on this text for ~20 % more bytes (still ~10x
-# smaller than plain); the anomaly block is compressed once per poll, the tail at every scrape.
+# zlib level 1: measured ~3x faster than the default 6 on 10,000 series (84 vs 234 ms, busy
+# box) for ~12 % more bytes, still ~9x fewer than plain; the anomaly block is compressed once
+# per generation, only the self-metrics tail at every scrape.
 GZIP_LEVEL = 1
 
 
@@ -166,7 +167,7 @@ class StateCollector:
 def build_registry(state: Registry) -> tuple[CollectorRegistry, SelfMetrics]:
     """A fresh CollectorRegistry with the state collector, self-metrics and process metrics.
 
-    anomaly_* are not in it: AnomalyText renders them (see metrics_text).
+    anomaly_* are not in it: AnomalyText renders them, /metrics puts them first.
     """
     disable_created_metrics()  # *_created samples are noise for a scrape target like this
     reg = CollectorRegistry(auto_describe=False)
@@ -174,11 +175,6 @@ def build_registry(state: Registry) -> tuple[CollectorRegistry, SelfMetrics]:
     reg.register(StateCollector(state))
     ProcessCollector(registry=reg)
     return reg, metrics
-
-
-def metrics_text(anomaly: AnomalyText, registry: CollectorRegistry) -> bytes:
-    """The whole /metrics body, uncompressed: the anomaly_* block, then the self-metrics."""
-    return anomaly.current().text + generate_latest(registry)
 
 
 def _wants_gzip() -> bool:
