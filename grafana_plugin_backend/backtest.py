@@ -163,6 +163,10 @@ def run(cfg: Config, source: Source, query: QueryConfig, start: float, end: floa
         raise BacktestError(f"query {query.name} returned no series from {fmt_time(pull_from)} "
                             f"to {fmt_time(t1)} UTC")
     found = sorted(found, key=lambda rs: series_name(rs.labels))
+    if len(found) > cfg.max_series:  # the service's cardinality cap holds here too
+        progress(f"query {query.name} has {len(found)} series; backtesting the first "
+                 f"{cfg.max_series} by name (max_series)")
+        found = found[: cfg.max_series]
     names = [series_name(rs.labels) for rs in found]
     grids = [regularize(rs.timestamps, rs.values, step) for rs in found]
     progress(f"pulled {len(found)} series, {sum(len(rs.timestamps) for rs in found)} points "
@@ -171,7 +175,8 @@ def run(cfg: Config, source: Source, query: QueryConfig, start: float, end: floa
     began = time.monotonic()
     vae = cfg.vae_config()
     outs = backtest_range(grids, [step] * len(grids), t0, vae,
-                          None if train_once else cfg.deployment(), log=progress)
+                          None if train_once else cfg.deployment(), log=progress,
+                          warmup=cfg.retrain_every)
     progress(f"trained and scored {len(grids)} series in {time.monotonic() - began:.1f} s")
     reports: list[SeriesReport] = []
     results: dict[str, ScoreResult] = {}

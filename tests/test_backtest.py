@@ -100,3 +100,14 @@ def test_demo_week_backtest_finds_the_network_drop(tmp_path, capsys):
         img.load()
         assert img.text[META_PANELS] == "4"
         assert img.text[META_SERIES].split("\n")[0] == '{instance="cache-1:9100"}'
+
+
+def test_max_series_caps_the_backtest(tmp_path, capsys):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(SMALL + "max_series: 2\n")
+    assert main(["backtest", "--config.file", str(cfg), "--query", "cpu_busy", "--range", "2d",
+                 "--train-once"]) == 0
+    out, err = capsys.readouterr()
+    assert "query cpu_busy has 4 series; backtesting the first 2 by name (max_series)" in err
+    assert "trained once on the history before the range" in out
+    assert re.search(r"^totals: 2 series ", out, re.MULTILINE)
