@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import VAEConfig
+from .feedback import Feedback
 from .model import Params
 
 
@@ -36,6 +37,9 @@ class SeriesModel:
     seasonality: tuple[bool, bool] = (True, True)  # (daily, weekly) cycles the model conditions on
     scale_stats: list[tuple[float, float]] = field(default_factory=list)  # per score scale: (median, spread)
     extra: dict = field(default_factory=dict)
+    # Judged ranges of the series (detector.feedback), kept with the model so they survive
+    # restarts and reach the next training.
+    feedback: list[Feedback] = field(default_factory=list)
 
     def to(self, dtype: torch.dtype) -> SeriesModel:
         self.params = {k: v.to(dtype) for k, v in self.params.items()}

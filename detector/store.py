@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import VAEConfig
+from .feedback import Feedback
 from .fitted import SeriesModel
 from .model import layer_shapes
 
@@ -61,6 +62,8 @@ def _metadata(model: SeriesModel) -> dict:
             "loss": model.train_loss,
         },
         "extra": model.extra,
+        # Optional: a file without it (written before feedback existed) has none.
+        "feedback": [fb.to_dict() for fb in model.feedback],
     }
 
 
@@ -167,6 +170,7 @@ def load_model_file(path: str | Path) -> SeriesModel:
             seasonality=(bool(meta["seasonality"]["daily"]), bool(meta["seasonality"]["weekly"])),
             scale_stats=[(float(a), float(b)) for a, b in thr["scale_stats"]],
             extra=dict(meta.get("extra") or {}),
+            feedback=[Feedback.from_dict(d) for d in (meta.get("feedback") or [])],
         )
         _check_numbers(model)
         return model

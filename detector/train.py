@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import feedback as fbk
 from . import rng
 from .config import VAEConfig, min_train_points
+from .feedback import Feedback
 from .fitted import SeriesModel
 from .model import Params, flatten, init_params, m_elbo_loss, m_elbo_windows, select, unflatten
 from .scoring import (
@@ -83,9 +85,13 @@ def _span(s: Series) -> float:
 
 
 def _split(valid: torch.Tensor, config: VAEConfig):
-    """Per model: training window ends and held-back tail ends, padded. valid (K, T) bool."""
+    """Per model: training window ends and held-back tail ends, padded. valid (K, T) bool.
+
+    Returns (train ends, n_train, val ends, n_val, holdout (K,) bool), where holdout is
+    False for a model too short to hold a tail back: it validates on its training windows.
+    """
     k = valid.shape[0]
-    train_l, val_l = [], []
+    train_l, val_l, holdout = [], [], []
     for j in range(k):
         ends = torch.nonzero(valid[j]).flatten()
         n_val = int(len(ends) * config.val_fraction)
@@ -93,6 +99,7 @@ def _split(valid: torch.Tensor, config: VAEConfig):
             tr, va = ends, ends  # too short to hold back: validate on training windows
         else:
             tr, va = ends[: len(ends) - n_val], ends[len(ends) - n_val :]
+        holdout.append(len(tr) < len(ends))
         if len(va) > MAX_VAL_WINDOWS:
             va = va[torch.linspace(0, len(va) - 1, MAX_VAL_WINDOWS).round().long()]
         train_l.append(tr)
@@ -101,7 +108,7 @@ def _split(valid: torch.Tensor, config: VAEConfig):
     n_val = torch.tensor([len(v) for v in val_l])
     tr_pad = torch.nn.utils.rnn.pad_sequence(train_l, batch_first=True, padding_value=0)
     va_pad = torch.nn.utils.rnn.pad_sequence(val_l, batch_first=True, padding_value=0)
-    return tr_pad, n_train, va_pad, n_val
+    return tr_pad, n_train, va_pad, n_val, torch.tensor(holdout, dtype=torch.bool)
 
 
 def _batch(packed: Packed, ends: torch.Tensor, config: VAEConfig):
@@ -125,6 +132,7 @@ def fit_many(
     config: VAEConfig,
     progress: Callable[[int, int], None] | None = None,
     seeds: Sequence[int] | None = None,
+    feedback: Sequence[Sequence[Feedback]] | None = None,
 ) -> list[SeriesModel | Exception]:
     """Train one model per series, all in one batched program.
 
@@ -133,20 +141,38 @@ def fit_many(
     Returns, per input series, a SeriesModel or the Exception that kept it from training.
     seeds: per-series seeds (default: config.seed for all, so a model does not depend on its
     position in the batch). progress(done, total) is called as models finish.
+    feedback: per series, the judged ranges (detector.feedback) training honours: EXCLUDE
+    ranges are left out of training, normalisation and threshold fit; NORMAL ranges (false
+    alarms) are trained on as usual and lift the threshold until they score at most
+    NORMAL_TARGET. Each model keeps its records in `SeriesModel.feedback`.
     """
     t_start = time.time()
+    if feedback is not None and len(feedback) != len(series):
+        raise ValueError(f"{len(feedback)} feedback lists for {len(series)} series")
+    fb = [list(feedback[i]) if feedback is not None else [] for i in range(len(series))]
+    steps = [float(step if isinstance(step, (int, float)) else step[i]) for i in range(len(series))]
+    series = [_without_excluded(s, f) for s, f in zip(series, fb)]
     prepared, failed = _prepare(series, config)
     results: list[SeriesModel | Exception] = [failed.get(i) for i in range(len(series))]  # type: ignore[misc]
     if not prepared:
         return results
     seed_list, seasonality, packed, valid = _pack_prepared(prepared, config, seeds)
-    keep = valid.sum(1) >= 2
-    split = _split(valid, config)
-    _, n_tr, va, _ = split
-    holdout = n_tr < valid.sum(1)  # else _split validates on the training windows themselves
+    # EXCLUDE windows (bad data) neither train nor fit the threshold; NORMAL windows (false
+    # alarms) are ordinary data and afterwards floor the threshold (_accept_normal).
+    t_np = packed.t.numpy()
+    normal, excluded = [], []
+    for j, p in enumerate(prepared):
+        reach = (config.window - 1) * steps[p.index]
+        normal.append(fbk.window_mask(t_np[j], fb[p.index], fbk.NORMAL, reach))
+        excluded.append(fbk.window_mask(t_np[j], fb[p.index], fbk.EXCLUDE, reach))
+    marked = torch.from_numpy(np.stack(normal)) & valid
+    trainable = valid & ~torch.from_numpy(np.stack(excluded))
+    keep = trainable.sum(1) >= 2
+    split = _split(trainable, config)
+    _, _, va, _, holdout = split
     k = len(prepared)
 
-    best_p, best_loss = _train(packed, split, keep, config, seed_list, progress)
+    best_p, best_loss = _train(packed, split[:4], keep, config, seed_list, progress)
 
     # Thresholds from each model's scores on its own training windows.
     # The newest MAX_THRESHOLD_WINDOWS window ends per model, contiguous so that smoothing
@@ -163,11 +189,14 @@ def fit_many(
     now = time.time()
     for j, prep in enumerate(prepared):
         if not keep[j]:
-            results[prep.index] = InsufficientDataError("fewer than 2 windows with enough observed points")
+            why = " outside the ranges excluded by feedback" if valid[j].sum() >= 2 else ""
+            results[prep.index] = InsufficientDataError(f"fewer than 2 windows with enough observed points{why}")
             continue
         e = ends[j, : int(n_ends[j])]
-        r = np.where(valid[j, e].numpy()[:, None], raw[j, : int(n_ends[j])], np.nan)  # (N, S)
-        r = _held_out_shift(r, int((e >= int(va[j, 0])).sum()) if holdout[j] else 0)
+        r = np.where(trainable[j, e].numpy()[:, None], raw[j, : int(n_ends[j])], np.nan)  # (N, S)
+        n_held = int((e >= int(va[j, 0])).sum()) if holdout[j] else 0
+        gap = _held_out_gap(r, n_held)
+        r = _held_out_shift(r, n_held)
         stats = scale_stats(r)
         scores = smooth_scores(combine_scales(r, stats), config.smooth)
         try:
@@ -175,16 +204,27 @@ def fit_many(
         except ValueError as err:
             results[prep.index] = err
             continue
+        baseline = float(np.nanmedian(scores))
+        applied: dict = {}
+        if fb[prep.index]:
+            thr, applied = _accept_normal(best_p, config, packed, j, seed_list[j], marked[j].numpy(),
+                                          valid[j].numpy(), stats, gap, baseline, thr)
+            applied["excluded_points"] = int(fbk.point_mask(prep.series.timestamps, fb[prep.index],
+                                                            fbk.EXCLUDE).sum())
         s = prep.series
         obs = np.isfinite(s.values)
+        # A series never seen below 0 (ratios, byte rates) keeps its band at or above 0.
+        extra = {"nonnegative": bool(np.nanmin(s.values) >= 0)}
+        if applied:
+            extra["feedback"] = applied
         results[prep.index] = SeriesModel(
             config=config,
             params={n: v.clone() for n, v in select(best_p, j).items()},
-            step=float(step if isinstance(step, (int, float)) else step[prep.index]),
+            step=steps[prep.index],
             center=prep.center,
             scale=prep.scale,
             threshold_=thr,
-            baseline_=float(np.nanmedian(scores)),
+            baseline_=baseline,
             threshold_method=method,
             seed=seed_list[j],
             trained_from=float(s.timestamps[obs][0]),
@@ -194,11 +234,54 @@ def fit_many(
             seasonality=seasonality[j],
             scale_stats=stats,
             train_loss=float(best_loss[j]),
-            # A series never seen below 0 (ratios, byte rates) keeps its band at or above 0.
-            extra={"nonnegative": bool(np.nanmin(s.values) >= 0)},
+            extra=extra,
+            feedback=fb[prep.index],
         )
     log.debug("fit_many: %d models in %.1f s", k, time.time() - t_start)
     return results
+
+
+def _without_excluded(s: Series, records: Sequence[Feedback]) -> Series:
+    """`s` with the points of its EXCLUDE ranges missing (the same object if it has none)."""
+    drop = fbk.point_mask(s.timestamps, records, fbk.EXCLUDE) if records else None
+    if drop is None or not drop.any():
+        return s
+    return Series(s.timestamps, np.where(drop, np.nan, s.values))
+
+
+def _accept_normal(p: Params, config: VAEConfig, packed: Packed, j: int, seed: int,
+                   marked: np.ndarray, valid: np.ndarray, stats: list[tuple[float, float]],
+                   gap: np.ndarray, baseline: float, thr: float) -> tuple[float, dict]:
+    """The threshold of model j lifted so its NORMAL windows score at most NORMAL_TARGET.
+
+    marked, valid (T,) bool. The marked windows are scored as serving scores them (scales
+    standardised, smoothed) plus the held-out gap (S,), as fresh data would score: a repeat
+    of the pattern is fresh data. Every end whose smoothed score averages a marked window
+    counts. Returns (threshold, what was applied).
+    """
+    idx = np.nonzero(marked)[0]
+    if not len(idx):
+        return thr, {"normal_windows": 0}
+    n = int(packed.lengths[j])
+    lo = max(config.window - 1, int(idx[0]) - (config.smooth - 1))
+    hi = min(n - 1, int(idx[-1]) + config.smooth - 1)
+    rows = torch.tensor([j])
+    raw, _, _ = score_windows(select(p, rows), config, _subset(packed, rows), torch.arange(lo, hi + 1)[None, :], [seed])
+    r = np.where(valid[lo : hi + 1, None], raw[0], np.nan) + gap
+    smoothed = smooth_scores(combine_scales(r, stats), config.smooth)
+    # An end's smoothed score holds the smooth - 1 windows before it.
+    hit = np.convolve(marked[lo : hi + 1].astype(np.int64), np.ones(config.smooth, dtype=np.int64))
+    seen = smoothed[hit[: hi + 1 - lo] > 0]
+    seen = seen[np.isfinite(seen)]
+    span = thr - baseline
+    peak = float(seen.max()) if len(seen) else math.nan
+    before = (peak - baseline) / span if span > 0 and math.isfinite(peak) else math.nan
+    applied = {"normal_windows": len(idx), "normal_peak_score": before if math.isfinite(before) else None,
+               "threshold_lifted": 1.0}
+    if math.isfinite(before) and before > fbk.NORMAL_TARGET:
+        applied["threshold_lifted"] = before / fbk.NORMAL_TARGET  # span multiplied by this
+        thr = baseline + (peak - baseline) / fbk.NORMAL_TARGET
+    return thr, applied
 
 
 def _subset(packed: Packed, rows: torch.Tensor) -> Packed:
@@ -234,15 +317,23 @@ def _held_out_shift(raw: np.ndarray, n_val: int) -> np.ndarray:
     Each scale's in-sample scores are moved up by the gap between the held-back and the
     in-sample median (never down), so the threshold is fitted on scores as fresh data gets.
     """
-    if n_val < 4 or n_val >= len(raw) - 4:
+    gap = _held_out_gap(raw, n_val)
+    if not gap.any():
         return raw
     out = raw.copy()
+    out[:-n_val] += gap
+    return out
+
+
+def _held_out_gap(raw: np.ndarray, n_val: int) -> np.ndarray:
+    """(S,) the held-back minus the in-sample median score per scale, at least 0; zeros when
+    the tail is too short (or too long) to say anything. raw (N, S) as in _held_out_shift."""
+    if n_val < 4 or n_val >= len(raw) - 4:
+        return np.zeros(raw.shape[-1])
     fit, held = raw[:-n_val], raw[-n_val:]
     with np.errstate(all="ignore"):
         gap = np.nanquantile(held, GAP_QUANTILE, axis=0) - np.nanquantile(fit, GAP_QUANTILE, axis=0)  # (S,)
-    gap = np.where(np.isfinite(gap), np.maximum(gap, 0.0), 0.0)
-    out[:-n_val] += gap
-    return out
+    return np.where(np.isfinite(gap), np.maximum(gap, 0.0), 0.0)
 
 
 class _Trainer:
@@ -363,5 +454,5 @@ def train_weights(series: Sequence[Series], config: VAEConfig, seeds: Sequence[i
     if failed:
         raise next(iter(failed.values()))
     seed_list, _, packed, valid = _pack_prepared(prepared, config, seeds)
-    best, _ = _train(packed, _split(valid, config), valid.sum(1) >= 2, config, seed_list, None)
+    best, _ = _train(packed, _split(valid, config)[:4], valid.sum(1) >= 2, config, seed_list, None)
     return best
