@@ -74,7 +74,7 @@ SMALL = ("step: 120s\nhistory: 1d\nretrain_every: 1d\nwindow: 16\n"
          " batch_size: 32, score_scales: [16, 4]}\n")
 
 
-def test_demo_week_backtest_finds_the_network_drop(tmp_path, capsys):
+def test_demo_backtest_finds_the_network_drop(tmp_path, capsys):
     """The demo's network_receive drop on cache-1 (2 d 3 h before start, 30 min) is the worst
     incident of its query over the last three days; the PNG shows the top two series."""
     cfg = tmp_path / "c.yml"
