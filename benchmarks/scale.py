@@ -748,8 +748,14 @@ def growth(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def report(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The Markdown tables: figures per size with the acceptance, growth, floors."""
-    lines = []
     sizes = [r["series"] for r in results]
+    title = (f"promvae scale benchmark {meta['started']}: default model "
+             f"({meta['weights_per_model']:,} weights), window {meta['window']}, history "
+             f"{format_duration(meta['history_s'])}, step {format_duration(STEP)}, max_steps "
+             f"{meta['max_steps']} (default {VAEConfig().max_steps}), {meta['queries']} queries, "
+             f"torch threads {meta['threads']}; load average {meta['load_average']:.1f} on "
+             f"{meta['cores']} cores at the start (the box is shared: figures are lower bounds)")
+    lines = [title, ""]
     at = next((r for r in results if r["series"] == ACCEPTANCE_SERIES), None)
     head = ["figure", *(f"{n:,} series" for n in sizes), f"acceptance at {ACCEPTANCE_SERIES:,}"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -764,8 +770,8 @@ def report(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             v = ("PASS (scraped without errors)" if at.get("prom_error") is None
                  else f"FAIL ({at['prom_error']})")
         lines.append("| " + " | ".join([label, *cells, v]) + " |")
-    extra = [("training batches (series)", lambda r: ", ".join([str(r["train_batches"])])
-              + f" ({r['trained_in_batches']})"),
+    extra = [("training batches (series trained)",
+              lambda r: f"{r['train_batches']} ({r['trained_in_batches']})"),
              ("steps run / full default", lambda r: f"{r['steps_run']} / {r['steps_full_default']}"),
              ("history pull etc. (batch - loops - fit, s)", lambda r: fmt(
                  max(0.0, r["batch_s"] - r["train_loop_s"] - r["fit_s"])
@@ -798,9 +804,9 @@ def report(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{ACCEPTANCE_SERIES:,} series only.")
     rows = growth(results)
     if rows:
-        title = (f"Growth from {sizes[0]:,} to {sizes[-1]:,} series "
-                 f"({rows[0]['series_ratio']:.1f}x; linear: ratio ≤ series ratio)")
-        lines += ["", title, "",
+        heading = (f"Growth from {sizes[0]:,} to {sizes[-1]:,} series "
+                   f"({rows[0]['series_ratio']:.1f}x; linear: ratio ≤ series ratio)")
+        lines += ["", heading, "",
                   "| figure | ratio | per 10x series | at most linear |", "|---|---|---|---|"]
         for g in rows:
             lin = "—" if g["linear"] is None and g["ratio"] is not None else (
