@@ -110,6 +110,9 @@ def make_config(tmp_path: Path, queries: list[dict[str, str]] | None = None,
         "queries": queries or [{"name": "q", "expr": "metric_a"}],
         "step": "60s", "history": "12h", "window": TINY_WINDOW, "poll_every": "60s",
         "storage_path": str(tmp_path / "storage"), "model": dict(TINY_MODEL),
+        # The fake source answers exactly at once: tests reason about grid times without the
+        # default delay (tests/service/test_poller.py checks the default against late samples).
+        "poll_delay": "0s",
     }
     raw.update(overrides)
     return load_config(None, environ={}, overrides=raw)

@@ -99,7 +99,10 @@ class Config:
     # Scored points kept per series: the query API serves them without rescoring, so the
     # dashboards' default 6h range costs no on-demand scoring (20 KB per series).
     keep_scores: float = 6 * 3600.0
-    poll_delay: float = 0.0            # poll up to now - poll_delay (late-arriving samples)
+    # Poll up to now - poll_delay. Prometheus answers a time with the newest sample at or before
+    # it, so a sample still being scraped (or a recording rule not yet evaluated) would read as
+    # the previous one carried forward, and the next poll never asks for that time again.
+    poll_delay: float = 30.0
     torch_threads: int = 1             # CPU threads per torch op; 1 keeps scoring responsive
     query_max_series: int = 1000       # anomaly_* series one query may select
     query_max_score_points: int = 2_000_000  # points one query may score on demand (series x range)
