@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config.base import ConfigError
+from .config.lint import query_warnings
 from .config.settings import Config, describe, load_config
 from .config.web import load_web_config
 
@@ -102,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _backtest(args, cfg)
     from .server import serve
 
+    for warning in query_warnings(cfg):
+        log.warning("%s", warning)
+
     return serve(cfg)
 
 
@@ -116,6 +120,8 @@ def _check_config(path: str, web_config_file: str | None = None, probe: bool = F
         print(f"{cfg.web_config_file}: OK ({load_web_config(cfg.web_config_file).describe()})")
     for q in cfg.queries:
         print(f"  query {q.name}: {q.expr}")
+    for warning in query_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     if not probe:
         return 0
     if cfg.demo:

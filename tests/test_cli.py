@@ -20,6 +20,17 @@ def test_check_config_ok(capsys):
     assert "OK" in out and "query cpu_busy" in out
 
 
+def test_check_config_warns_of_a_counter_without_rate_and_still_passes(tmp_path, capsys):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("prometheus: {url: 'http://prom:9090'}\n"
+                   "queries: [{name: reqs, expr: 'sum by (job) (http_requests_total)'}]\n")
+    assert main(["check-config", str(cfg)]) == 0  # a warning, not an error: it may be meant
+    err = capsys.readouterr().err
+    assert "warning: query reqs: http_requests_total looks like a counter" in err
+    assert main(["check-config", str(ROOT / "promvae.example.yml")]) == 0
+    assert "warning" not in capsys.readouterr().err  # the shipped example is clean
+
+
 def test_check_config_names_every_bad_key_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yml"
     bad.write_text("step: soon\nwindow: -1\nqueries: [{name: a, expr: 'rate(x[5m]'}]\n")
