@@ -16,6 +16,8 @@ trains those together in the next round.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -71,10 +73,16 @@ def deployed_many(
     config: VAEConfig,
     deployment: Deployment = DEPLOYED,
     progress: Callable[[str], None] | None = None,
+    phases: Sequence[float | None] | None = None,
 ) -> list[DeployedResult | Exception]:
     """Replay the deployment on each regular `grids[i]`, the first model trained on points
     [0, cuts[i]]. Returns per series a DeployedResult (every point of the grid) or the
     Exception that kept its first model from training.
+
+    phases[i]: the series' retrain phase (`retrain_phase` of its service id) to replay the
+    service's slots for that series exactly; None: slots at the first model's time, so the
+    regular retrains come every `retrain_every` after it (what a series trained alone at the
+    cut would see with that phase).
     """
     say = progress or (lambda _m: None)
     lead = lead_in_points(config)
@@ -82,8 +90,9 @@ def deployed_many(
     # starts[i]: sorted grid indices where a model takes over; models[i][start] = model or error
     starts: list[list[int]] = []
     early: list[set[int]] = [set() for _ in range(n)]
-    for g, cut in zip(grids, cuts):
-        starts.append([cut + 1] + _regular_after(g.timestamps, cut + 1, deployment.retrain_every))
+    for i, (g, cut) in enumerate(zip(grids, cuts)):
+        phase = phases[i] if phases is not None else None
+        starts.append([cut + 1] + _regular_after(g.timestamps, cut + 1, deployment.retrain_every, phase))
     models: list[dict[int, object]] = [{} for _ in range(n)]
     # raw_scores[i][start] = (key of what was scored, first index, ScoreResult)
     raw_scores: list[dict[int, tuple]] = [{} for _ in range(n)]
@@ -142,19 +151,43 @@ def deployed_many(
     return out
 
 
-def _regular_after(t: np.ndarray, j0: int, every: float) -> list[int]:
-    """Grid indices of the regular retrains after a model took over at index j0."""
+def retrain_phase(key: str, every: float) -> float:
+    """Offset in [0, every) of a series' regular retrain slots: a stable hash of its id.
+
+    Series first trained together (a fleet discovered at once) would otherwise all come due
+    together `every` later, in one batch as big as the fleet; with slots at their own phase
+    they come due spread over the interval, and a restart keeps each series' slots.
+    """
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h / 2.0**64 * every
+
+
+def next_regular(last: float, every: float, phase: float) -> float:
+    """When the regular retrain after a regular training at `last` comes: the first slot
+    phase + n * every at least every / 2 after `last`.
+
+    Retrained at (or soon after) its slot, a series keeps retraining every `every` at its
+    own phase; its first retrain after a first training comes 0.5 to 1.5 intervals later.
+    The service (SeriesState.regular_at) and the replay below both use this.
+    """
+    return phase + math.ceil((last + every / 2 - phase) / every) * every
+
+
+def _regular_after(t: np.ndarray, j0: int, every: float, phase: float | None = None) -> list[int]:
+    """Grid indices of the regular retrains after a model took over at index j0: each at the
+    first point at or after `next_regular` of the one before (phase None: t[j0]'s phase)."""
     out: list[int] = []
     if j0 >= len(t):
         return out
-    k = 1
+    if phase is None:
+        phase = float(t[j0]) % every
+    last = float(t[j0])
     while True:
-        j = int(np.searchsorted(t, t[j0] + k * every - 1e-6))
+        j = int(np.searchsorted(t, next_regular(last, every, phase) - 1e-6))
         if j >= len(t):
             return out
-        if j > (out[-1] if out else j0):
-            out.append(j)
-        k += 1
+        out.append(j)
+        last = float(t[j])
 
 
 def _in_force(models: dict[int, object], starts: list[int], a_pos: int):

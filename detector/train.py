@@ -8,6 +8,7 @@ depends on the other models in the batch, so training K together equals training
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -38,7 +39,13 @@ from .threshold import combine_scales, scale_stats, smooth_scores, spot_threshol
 log = logging.getLogger(__name__)
 
 MAX_VAL_WINDOWS = 256  # validation windows per model, evenly spread over the held-back tail
-MAX_THRESHOLD_WINDOWS = 4096  # newest training windows scored per model to fit its threshold
+# Training windows scored per model to fit its threshold (each with mc_samples draws: this
+# scoring cost more than 20 training steps). Up to this many, every window, contiguous; more
+# (7 days at 1 minute is 10,000), and THRESHOLD_BLOCKS contiguous blocks of them spread
+# evenly over the history, the last one ending at the newest window: the same distribution
+# from fewer windows, and all of the history's days instead of the newest ones.
+MAX_THRESHOLD_WINDOWS = 2048
+THRESHOLD_BLOCKS = 16
 GAP_QUANTILE = 0.5  # the held-back tail's median gap: the more stable of the quantiles tried on NAB
 
 
@@ -174,17 +181,8 @@ def fit_many(
 
     best_p, best_loss = _train(packed, split[:4], keep, config, seed_list, progress)
 
-    # Thresholds from each model's scores on its own training windows.
-    # The newest MAX_THRESHOLD_WINDOWS window ends per model, contiguous so that smoothing
-    # sees what it sees when serving: 7 days at 1 minute would otherwise cost more to score
-    # than to train.
-    ends_l = []
-    for j in range(k):
-        last = int(packed.lengths[j]) - 1
-        first = max(config.window - 1, last - MAX_THRESHOLD_WINDOWS + 1)
-        ends_l.append(torch.arange(first, max(first, last) + 1))
-    n_ends = torch.tensor([len(e) for e in ends_l])
-    ends = torch.nn.utils.rnn.pad_sequence(ends_l, batch_first=True, padding_value=config.window - 1)
+    # Thresholds from each model's scores on its own training windows (_threshold_ends).
+    ends, n_ends, blocks = _threshold_ends(packed.lengths, config)
     raw, _, _ = score_windows(best_p, config, packed, ends, seed_list)
     now = time.time()
     for j, prep in enumerate(prepared):
@@ -198,7 +196,7 @@ def fit_many(
         gap = _held_out_gap(r, n_held)
         r = _held_out_shift(r, n_held)
         stats = scale_stats(r)
-        scores = smooth_scores(combine_scales(r, stats), config.smooth)
+        scores = _smooth_blocks(combine_scales(r, stats), blocks[j], config.smooth)
         try:
             thr, method = spot_threshold(scores, config.risk, config.init_quantile)
         except ValueError as err:
@@ -239,6 +237,48 @@ def fit_many(
         )
     log.debug("fit_many: %d models in %.1f s", k, time.time() - t_start)
     return results
+
+
+def _threshold_ends(lengths: torch.Tensor, config: VAEConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Window ends each model's threshold is fitted on: (K, E) padded, their count (K,) and
+    per model the offsets (into its ends) where a new contiguous block starts.
+
+    A series with up to MAX_THRESHOLD_WINDOWS windows gives all of them, one block; a longer
+    one THRESHOLD_BLOCKS blocks of MAX_THRESHOLD_WINDOWS / THRESHOLD_BLOCKS contiguous ends,
+    evenly spaced, the last ending at its newest window. Contiguous, so that smoothing sees
+    what it sees when serving; ends in time order, so the held-back tail stays the last rows.
+    """
+    ends_l, blocks = [], []
+    size = MAX_THRESHOLD_WINDOWS // THRESHOLD_BLOCKS
+    for n in lengths.tolist():
+        first, last = config.window - 1, max(config.window - 1, int(n) - 1)
+        if last - first + 1 <= MAX_THRESHOLD_WINDOWS:
+            ends_l.append(torch.arange(first, last + 1))
+            blocks.append([0])
+            continue
+        starts = np.linspace(first, last - size + 1, THRESHOLD_BLOCKS).round().astype(np.int64)
+        ends_l.append(torch.from_numpy(np.concatenate([np.arange(a, a + size) for a in starts])))
+        blocks.append([b * size for b in range(THRESHOLD_BLOCKS)])
+    n_ends = torch.tensor([len(e) for e in ends_l])
+    ends = torch.nn.utils.rnn.pad_sequence(ends_l, batch_first=True, padding_value=config.window - 1)
+    return ends, n_ends, blocks
+
+
+def _smooth_blocks(combined: np.ndarray, blocks: list[int], n: int) -> np.ndarray:
+    """smooth_scores within each contiguous block of `combined` (N,) starting at `blocks`.
+
+    One block is the plain smoothing. Of several (sampled) blocks, each block's first n - 1
+    scores average fewer windows than serving does: they are lead-in only (NaN), so every
+    score the threshold sees is a full smoothing, as when serving.
+    """
+    if len(blocks) == 1:
+        return smooth_scores(combined, n)
+    out = np.empty(len(combined))
+    for a, b in itertools.pairwise([*blocks, len(combined)]):
+        out[a:b] = smooth_scores(combined[a:b], n)
+        out[a : min(b, a + n - 1)] = np.nan
+    return out
 
 
 def _without_excluded(s: Series, records: Sequence[Feedback]) -> Series:
@@ -394,9 +434,10 @@ def _train(
     """The batched training loop: -> best weights (K, …) and best validation loss (K,)."""
     k = packed.z.shape[0]
     tr, n_tr, va, n_va = split
-    flat0 = flatten(init_params(config, seed_list), config)  # (K, P)
-    trainer = _Trainer(flat0, config)
-    best = flat0.clone()
+    # The trainer copies the initial weights, so they are the best snapshot's storage: one
+    # copy of the weights less per series (memory per series bounds the batch size).
+    best = flatten(init_params(config, seed_list), config)  # (K, P)
+    trainer = _Trainer(best, config)
     best_loss = torch.full((k,), math.inf)
     bad_epochs = torch.zeros(k, dtype=torch.int64)
     steps_per_epoch = torch.clamp((n_tr + config.batch_size - 1) // config.batch_size, min=1)
@@ -429,10 +470,12 @@ def _train(
         if check.any():
             vl = torch.full((k,), math.inf)
             with torch.no_grad():
-                p_now = unflatten(trainer.flat.detach(), config)
-                vl[rows] = _val_loss(p_now, sub, config, va[rows], n_va[rows])
+                flat_now = trainer.flat.detach()  # one (R, P) copy, not one per use
+                vl[rows] = _val_loss(unflatten(flat_now, config), sub, config, va[rows], n_va[rows])
                 better = check & (vl < best_loss)
-                best[rows] = torch.where(better[rows][:, None], trainer.flat.detach(), best[rows])
+                row_better = better[rows]
+                best[rows[row_better]] = flat_now[row_better]  # only the improved rows move
+                del flat_now
             best_loss = torch.where(better, vl, best_loss)
             bad_epochs = torch.where(better, 0, torch.where(check, bad_epochs + 1, bad_epochs))
             stopped = stopped | (check & (bad_epochs >= config.patience))
