@@ -91,6 +91,10 @@ class Config:
     # the calibration reference) and the series retrains early. 0 turns the policy off.
     adapt_after: float = 3 * 3600.0
     calibration_span: float = 14 * 86400.0  # recent normal scores the threshold is refitted on
+    # Series per training batch; 0: as many as training_memory holds at fit_many's measured
+    # bytes per series (detector.memory: ~3.9 MB each with the default model and 7d at 60s).
+    training_batch_series: int = 0
+    training_memory: int = 2 * 2**30   # bytes a training batch may take (default 2 GiB)
     queries: tuple[QueryConfig, ...] = ()
     max_series: int = 1000             # cardinality cap over all queries
     series_ttl: float = 900.0          # a series absent this long leaves /metrics
@@ -152,6 +156,9 @@ _DURATIONS = {"step", "history", "poll_every", "retrain_every", "adapt_after", "
               "series_ttl", "model_retention",
               "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout"}
 _SECRETS = {"prometheus.basic_auth.password"}
+_SIZES = {"training_memory"}  # bytes, or a size: 1.5GiB, 512MiB, 2GB
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _YAML_KEYS = {"queries", "prometheus.headers", "model"}  # env values parsed as YAML
 
 
@@ -190,10 +197,28 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a size such as "1.5GiB", "512MiB", "2GB"; ValueError if not."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")  # noqa: TRY004 - reported as a bad key
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(value))
+        if m is None or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"not a size (bytes, or e.g. 512MiB, 2GiB): {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"not a size: {value!r}")
+    return int(number * _SIZE_UNITS[unit])
+
+
 def _convert(key: str, value: Any, default: Any) -> Any:
     """`value` (from YAML, an env var or a flag) as the type of `default`; ValueError if not."""
     if key in _DURATIONS:
         return parse_duration(value)
+    if key in _SIZES:
+        return parse_size(value)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -369,6 +394,10 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append("torch_threads: must be 0 (torch's default) or a positive count")
     if cfg.max_series < 1:
         errors.append("max_series: must be at least 1")
+    if cfg.training_batch_series < 0:
+        errors.append("training_batch_series: must be 0 (from training_memory) or positive")
+    if cfg.training_memory < 2**20:
+        errors.append("training_memory: must be at least 1MiB")
     for key in ("query_max_series", "query_max_score_points", "query_max_concurrency"):
         if getattr(cfg, key) < 1:
             errors.append(f"{key}: must be at least 1")

@@ -47,6 +47,10 @@ class SelfMetrics:
         self.training_batch = Gauge("promvae_training_batch_series",
                                     "Series in the running training batch (0 when idle).",
                                     registry=r)
+        self.training_queue = Gauge("promvae_training_queue_series",
+                                    "Series due for training and not yet trained, the running "
+                                    "batch's unfinished ones included (0 when all are trained).",
+                                    registry=r)
         self.adaptations = Counter("promvae_adaptations_total",
                                    "Flags up for adapt_after, taken as the series' new normal "
                                    "(each retrains the series early).", registry=r)

@@ -1,4 +1,12 @@
-"""Background training: load stored models, train new series and retrain old ones in batches."""
+"""Background training: load stored models, train new series and retrain old ones in batches.
+
+A batch holds at most `batch_cap` series (training_batch_series, or what training_memory holds
+at fit_many's measured bytes per series), the most urgent first: first models, then early
+retrains (a change that stays), then regular retrains by how overdue their slot is. Each
+batch pulls the history of its own series only, so memory is bounded by the cap, not by
+the fleet. Regular retrains come at each series' own slot (detector.deploy.next_regular),
+spread over retrain_every, so a fleet trained at once does not come due at once again.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +29,12 @@ from detector import (
     min_train_points,
     regularize,
 )
+from detector.deploy import next_regular, retrain_phase
+from detector.memory import fit_bytes_per_series
 
 from ..config.base import format_duration
 from ..config.settings import Config, QueryConfig
-from ..source.prometheus import Source, SourceError
+from ..source.prometheus import Source, SourceError, only_series
 from .poller import grid_floor
 from .progress import human_wait
 from .registry import FAILED, INSUFFICIENT, PENDING, READY, Registry, SeriesState, series_id
@@ -34,6 +44,9 @@ from .store import ModelStore, collect_garbage
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 5.0  # seconds between progress log lines
+# Series per narrowed history pull: each label set adds a label_replace to the expression
+# (keep it well under URL limits), and an answer holds at most this many series' history.
+NARROW_GROUP = 32
 
 
 class Cancelled(Exception):
@@ -63,6 +76,12 @@ class Trainer:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.loaded_once = False  # the stored models of the previous run were loaded
+        points = max(1, int(cfg.history // cfg.step))
+        self.bytes_per_series = fit_bytes_per_series(vae_config, points)
+        self.batch_cap = cfg.training_batch_series or max(
+            1, cfg.training_memory // self.bytes_per_series)
+        self.queued = 0  # series due and not yet trained (the running batch included)
+        self._more = False  # the last batch left due series behind: start the next at once
 
     def wake(self) -> None:
         """Run a batch soon (new series were discovered)."""
@@ -73,6 +92,7 @@ class Trainer:
         self.stop_event = stop
         while not stop.is_set():
             self._wake.clear()
+            self._more = False
             try:
                 self.run_once()
             except Cancelled:
@@ -81,7 +101,8 @@ class Trainer:
             except Exception:  # one tick is a boundary: log, count, try again later
                 self.metrics.training_errors.labels("batch").inc()
                 log.exception("training tick failed")
-            self._wake.wait(min(self.cfg.poll_every, 60.0))
+            if not self._more:
+                self._wake.wait(min(self.cfg.poll_every, 60.0))
 
     def load_stored(self) -> int:
         """Load the model file of every pending series that has one; returns how many loaded."""
@@ -117,9 +138,26 @@ class Trainer:
         return loaded
 
     def due(self, now: float) -> list[SeriesState]:
-        """Series that need training now: new, grown past insufficient, failed long ago, or old."""
+        """Series that need training now, most urgent first: new, grown past insufficient,
+        failed long ago (first models, least recently tried first), then early retrains,
+        then regular retrains by their slot (the most overdue first)."""
         with self.registry.lock:
-            return [s for s in self.registry.all() if self._is_due(s, now)]
+            todo = [s for s in self.registry.all() if self._is_due(s, now)]
+            return sorted(todo, key=self._urgency)  # stable: ties keep discovery order
+
+    def _urgency(self, s: SeriesState) -> tuple[int, float]:
+        if s.model is None:
+            return 0, s.last_attempt
+        if s.adapt_requested:
+            return 1, s.last_attempt
+        return 2, self.regular_due_at(s)
+
+    def regular_due_at(self, s: SeriesState) -> float:
+        """Wall time of the next regular retrain of a series with a model: its own slot,
+        at least retrain_every / 2 after its last regular training (detector.deploy)."""
+        since = s.regular_at if math.isfinite(s.regular_at) else s.model.trained_at
+        every = self.cfg.retrain_every
+        return next_regular(since, every, retrain_phase(s.id, every))
 
     def _is_due(self, s: SeriesState, now: float) -> bool:
         retry = now - s.last_attempt >= self.retry_after
@@ -132,21 +170,27 @@ class Trainer:
         if s.adapt_requested:
             return True  # a change that stays: learn it now, not at the next slot
         # Early retrains do not move the schedule (as detector.deploy replays it).
-        since = s.regular_at if math.isfinite(s.regular_at) else s.model.trained_at
-        return retry and now - since >= self.cfg.retrain_every
+        return retry and now >= self.regular_due_at(s)
 
     def run_once(self) -> int:
-        """Load new stored models, then train every due series in one batch; returns models fit."""
+        """Load new stored models, then train the `batch_cap` most urgent due series in one
+        batch; returns models fit. `queued` says how many due series are left after it."""
         self.load_stored()
         self.loaded_once = True
         collect_garbage(self.registry, self.store, self.cfg.model_retention, self.clock())
-        todo = self.due(self.clock())
+        due = self.due(self.clock())
+        todo = due[: self.batch_cap]
+        self._set_queue(len(due))
         if not todo:
             return 0
+        if len(due) > len(todo):
+            log.info("%d series due for training: this batch takes the %d most urgent "
+                     "(training_batch_series %d)", len(due), len(todo), self.batch_cap)
         started = time.monotonic()
         data = self._pull_history(todo)
         if not data:
             return 0
+        self._more = len(due) > len(todo)
         fit = [(s, ser) for s, ser in data if self._enough(s, ser)]
         if not fit:
             self._after_batch(started, 0, len(data))
@@ -160,9 +204,10 @@ class Trainer:
                  _human(self.cfg.history))
         self.metrics.training_batch.set(len(fit))
         self.metrics.training_progress.set(0.0)
+        queue_at_start = self.queued
         try:
             results = self.fit_fn([ser for _, ser in fit], self.step, self.vae_config,
-                                  progress=self._progress(started))
+                                  progress=self._progress(started, queue_at_start))
         except Cancelled:
             raise
         except Exception as e:
@@ -172,6 +217,7 @@ class Trainer:
                 self._failed(s, f"batch failed: {e}")
             self._after_batch(started, 0, len(fit))
             return 0
+        del data  # the batch's history: only the tails kept by _install stay
         trained = 0
         for (s, ser), res in zip(fit, results):
             if isinstance(res, Exception):
@@ -187,7 +233,9 @@ class Trainer:
         return trained
 
     def _pull_history(self, todo: list[SeriesState]) -> list[tuple[SeriesState, Series]]:
-        """Each due series' history on the step grid, one (chunked) range query per query."""
+        """The batch's series' history on the step grid: per query, only those series
+        (narrowed range queries of NARROW_GROUP series each, when the source can narrow and
+        the batch holds part of the query), each pull chunked in time by the source."""
         end = grid_floor(self.clock() - self.cfg.poll_delay, self.step)
         start = end - self.cfg.history + self.step
         out = []
@@ -198,22 +246,42 @@ class Trainer:
             q = self.queries.get(name)
             if q is None:
                 continue
-            try:
-                result = self.source.query_range(q.expr, start, end, self.step)
-            except SourceError as e:
-                self.metrics.training_errors.labels("history").inc()
-                log.warning("history pull for query %s failed (%s): %s; will retry", name,
-                            e.reason, e)
-                continue
-            found = {series_id(name, rs.labels): rs for rs in result}
-            for s in members:
-                rs = found.get(s.id)
-                if rs is None:
-                    ser = Series(np.empty(0), np.empty(0))
-                else:
-                    ser = regularize(rs.timestamps, rs.values, self.step)
-                out.append((s, ser))
+            for group, expr in self._pulls(name, q.expr, members):
+                try:
+                    result = self.source.query_range(expr, start, end, self.step)
+                except SourceError as e:
+                    self.metrics.training_errors.labels("history").inc()
+                    log.warning("history pull of %d series of query %s failed (%s): %s; will "
+                                "retry", len(group), name, e.reason, e)
+                    with self.registry.lock:  # behind the others in the queue, not stuck first
+                        for s in group:
+                            s.last_attempt = self.clock()
+                    continue
+                # Only the batch's series are kept (a source that cannot narrow sends all).
+                wanted = {s.id for s in group}
+                found = {}
+                for rs in result:
+                    sid = series_id(name, rs.labels)
+                    if sid in wanted:
+                        found[sid] = rs
+                del result
+                for s in group:
+                    rs = found.pop(s.id, None)
+                    if rs is None:
+                        ser = Series(np.empty(0), np.empty(0))
+                    else:
+                        ser = regularize(rs.timestamps, rs.values, self.step)
+                    out.append((s, ser))
         return out
+
+    def _pulls(self, name: str, expr: str, members: list[SeriesState]
+               ) -> list[tuple[list[SeriesState], str]]:
+        """(series, expression) of each history pull for `members` of query `name`."""
+        narrow = getattr(self.source, "narrowable", False)
+        if not narrow or len(members) >= len(self.registry.of_query(name)):
+            return [(members, expr)]
+        groups = [members[a:a + NARROW_GROUP] for a in range(0, len(members), NARROW_GROUP)]
+        return [(g, only_series(expr, [s.labels for s in g])) for g in groups]
 
     def _enough(self, s: SeriesState, ser: Series) -> bool:
         """True if `ser` can be trained; else marks `s` insufficient_data (or keeps its model)."""
@@ -264,13 +332,18 @@ class Trainer:
                 s.add_points(ser.timestamps[-tail:], ser.values[-tail:], overwrite=False)
                 s.scored_to = float(ser.timestamps[-1]) - self.initial_points * self.step
 
-    def _progress(self, started: float) -> Callable[[int, int], None]:
+    def _set_queue(self, n: int) -> None:
+        self.queued = max(0, n)
+        self.metrics.training_queue.set(self.queued)
+
+    def _progress(self, started: float, queue_at_start: int) -> Callable[[int, int], None]:
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
             if self.stop_event.is_set():
                 raise Cancelled()
             self.metrics.training_progress.set(done / max(total, 1))
+            self._set_queue(queue_at_start - done)
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY or done == total:
                 last[0] = now
@@ -279,6 +352,7 @@ class Trainer:
         return progress
 
     def _after_batch(self, started: float, trained: int, total: int) -> None:
+        self._set_queue(len(self.due(self.clock())))
         took = time.monotonic() - started
         self.metrics.training_duration.observe(took)
         self.metrics.training_progress.set(1.0)

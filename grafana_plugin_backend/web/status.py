@@ -101,8 +101,13 @@ def ready() -> tuple[Response, int]:
     says how many series are scored and when the first of the others will be."""
     svc = current_app.extensions["promvae"]
     if not svc.is_ready():
-        return Response("promvae is not ready: loading or training the first models.\n",
-                        mimetype="text/plain"), 503
+        counts = svc.registry.counts_by_state()
+        total = sum(counts.values())
+        # A large first training runs in batches: say how far it is.
+        progress = (f" ({counts[READY]} of {total} series trained, {svc.trainer.queued} queued)"
+                    if total else "")
+        return Response(f"promvae is not ready: loading or training the first models{progress}."
+                        "\n", mimetype="text/plain"), 503
     now = svc.clock()
     with svc.registry.lock:
         series = svc.registry.all()
@@ -363,7 +368,10 @@ def index() -> Response | str:
     last_poll = sample("promvae_last_successful_poll_timestamp_seconds") or 0.0
     progress = sample("promvae_training_progress_ratio") or 0.0
     batch = int(sample("promvae_training_batch_series") or 0)
+    queued = int(sample("promvae_training_queue_series") or 0)
     training = f"{batch} series, {progress:.0%} done" if batch else "idle"
+    if queued > batch:
+        training += f"; {queued} series queued in all"
     return render_template_string(
         _INDEX, style=_STYLE, version=__version__, origin=svc.source.describe(), total=total,
         counts=counts, ready=svc.is_ready(), anomalous=anomalous,
