@@ -82,6 +82,7 @@ class Trainer:
             1, cfg.training_memory // self.bytes_per_series)
         self.queued = 0  # series due and not yet trained (the running batch included)
         self._more = False  # the last batch left due series behind: start the next at once
+        self._phases: dict[str, float] = {}  # series id -> retrain_phase
 
     def wake(self) -> None:
         """Run a batch soon (new series were discovered)."""
@@ -142,7 +143,10 @@ class Trainer:
         failed long ago (first models, least recently tried first), then early retrains,
         then regular retrains by their slot (the most overdue first)."""
         with self.registry.lock:
-            todo = [s for s in self.registry.all() if self._is_due(s, now)]
+            series = self.registry.all()
+            if len(self._phases) > 2 * len(series) + 1000:  # series come and go: forget old ones
+                self._phases.clear()
+            todo = [s for s in series if self._is_due(s, now)]
             return sorted(todo, key=self._urgency)  # stable: ties keep discovery order
 
     def _urgency(self, s: SeriesState) -> tuple[int, float]:
@@ -157,7 +161,10 @@ class Trainer:
         at least retrain_every / 2 after its last regular training (detector.deploy)."""
         since = s.regular_at if math.isfinite(s.regular_at) else s.model.trained_at
         every = self.cfg.retrain_every
-        return next_regular(since, every, retrain_phase(s.id, every))
+        phase = self._phases.get(s.id)
+        if phase is None:  # a hash per series, once: due() runs under the registry lock
+            phase = self._phases[s.id] = retrain_phase(s.id, every)
+        return next_regular(since, every, phase)
 
     def _is_due(self, s: SeriesState, now: float) -> bool:
         retry = now - s.last_attempt >= self.retry_after
