@@ -27,7 +27,7 @@ import torch
 
 from . import rng
 from .fitted import SeriesModel
-from .model import LOG_2PI, decode, encode, stack
+from .model import LOG_2PI, as_float32, decode, encode, stack
 from .scoring import cond_features, gather_windows, pack, score_windows, valid_ends
 from .series import Series
 from .threshold import combine_scales
@@ -129,14 +129,15 @@ def explain_window(model: SeriesModel, series: Series, t: float) -> Explanation:
     idx = torch.tensor([ends], dtype=torch.int64)
     x, m, t_end = gather_windows(packed, idx, w)  # (1, E, W)
     cond = cond_features(t_end, packed.cond_mask) if config.seasonal else None
-    mu_z, std_z = encode(model.params, config, x * m, cond)
+    params = as_float32(model.params)  # served weights may be stored in float16
+    mu_z, std_z = encode(params, config, x * m, cond)
     # The same latent draws as score_windows: keyed by each window's end time.
     keys = rng.model_keys([model.seed], rng.SCORE)
     eps = rng.normal(keys, torch.round(t_end).to(torch.int64), (big_l, config.latent))
     n_win = len(ends)
     z = (mu_z[:, :, None, :] + std_z[:, :, None, :] * eps).reshape(1, n_win * big_l, -1)
     cond_l = None if cond is None else cond.repeat_interleave(big_l, dim=1)
-    mu_x, std_x = decode(model.params, config, z, cond_l)
+    mu_x, std_x = decode(params, config, z, cond_l)
     mu_x = mu_x.reshape(n_win, big_l, w).double()
     std_x = std_x.reshape(n_win, big_l, w).double()
     r = (x[0].double()[:, None, :] - mu_x) / std_x
@@ -175,7 +176,7 @@ def explain_window(model: SeriesModel, series: Series, t: float) -> Explanation:
     half = np.full(n_pts, np.nan)
     if ok.any():
         at = torch.tensor([pts[ok].tolist()], dtype=torch.int64)
-        _, mu, sd = score_windows(stack([model.params]), config, packed, at, [model.seed])
+        _, mu, sd = score_windows(stack([params]), config, packed, at, [model.seed])
         expected[ok] = mu[0] * model.scale + model.center
         half[ok] = config.band_k * sd[0] * model.scale
     observed = part.values[first:end + 1].copy()

@@ -129,6 +129,11 @@ def select(p: Params, idx: torch.Tensor | int) -> Params:
     return {k: v[idx] for k, v in p.items()}
 
 
+def as_float32(p: Params) -> Params:
+    """The weights in float32 for computing (served weights may be stored in float16)."""
+    return {k: v if v.dtype == torch.float32 else v.to(torch.float32) for k, v in p.items()}
+
+
 def stack(params: list[Params]) -> Params:
     """Concatenate single- or multi-model parameter sets along K."""
     return {k: torch.cat([q[k] for q in params], dim=0) for k in params[0]}

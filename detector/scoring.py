@@ -21,7 +21,7 @@ import torch
 from . import rng
 from .config import VAEConfig
 from .fitted import SeriesModel
-from .model import LOG_2PI, Params, decode, encode, stack
+from .model import LOG_2PI, Params, as_float32, decode, encode, stack
 from .series import DAY, WEEK, Series, normalise
 
 # Bound on K*c*L*W per scoring chunk: 8 MB of float32, so the elementwise likelihood pass
@@ -195,6 +195,34 @@ def _groups(models: Sequence[SeriesModel]) -> dict[VAEConfig, list[int]]:
     return groups
 
 
+def finish(mdl: SeriesModel, config: VAEConfig, s: Series, valid: np.ndarray, raw: np.ndarray,
+           mu: np.ndarray, sd: np.ndarray) -> ScoreResult:
+    """One series' results from its window scores: valid (N,) windows that can be judged,
+    raw (N, S) per-scale scores, mu and sd (N,) of the newest point in normalised units."""
+    from .threshold import combine_scales, debounce_flags, normalise_scores, smooth_scores
+
+    ok = valid
+    combined = combine_scales(raw, mdl.scale_stats)
+    r = smooth_scores(np.where(ok, combined, np.nan), config.smooth)
+    ok = ok & np.isfinite(r)
+    score = normalise_scores(r, mdl.baseline_, mdl.threshold_)
+    expected = np.where(ok, mu * mdl.scale + mdl.center, np.nan)
+    half = np.where(ok, config.band_k * sd * mdl.scale, np.nan)
+    lower, upper = expected - half, expected + half
+    if mdl.extra.get("nonnegative"):  # the band stays in the series' own domain
+        expected, lower = np.maximum(expected, 0.0), np.maximum(lower, 0.0)
+    return ScoreResult(
+        timestamps=s.timestamps.copy(),
+        observed=s.values.copy(),
+        raw=r,
+        score=score,
+        flag=debounce_flags(score, config.debounce),
+        expected=expected,
+        lower=lower,
+        upper=np.maximum(upper, lower),
+    )
+
+
 def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[ScoreResult]:
     """Score every point of every series with its own model, one batched pass per config.
 
@@ -203,8 +231,6 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
     """
     if len(models) != len(series):
         raise ValueError(f"{len(models)} models for {len(series)} series")
-    from .threshold import combine_scales, debounce_flags, normalise_scores, smooth_scores
-
     out: list[ScoreResult | None] = [None] * len(models)
     for config, idx in _groups(models).items():
         ms = [models[i] for i in idx]
@@ -218,29 +244,10 @@ def score_many(models: Sequence[SeriesModel], series: Sequence[Series]) -> list[
         raw = np.full((len(ms), length, len(config.score_scales)), np.nan)
         mu, sd = np.full((len(ms), length), np.nan), np.full((len(ms), length), np.nan)
         if length >= config.window:  # else no series holds a whole window: all NaN
-            p = stack([m.params for m in ms])
+            p = as_float32(stack([m.params for m in ms]))  # weights may be stored in fp16
             raw_e, mu_e, sd_e = score_windows(p, config, packed, ends, [m.seed for m in ms])
             raw[:, first:], mu[:, first:], sd[:, first:] = raw_e, mu_e, sd_e
         for j, (mdl, s) in enumerate(zip(ms, ss)):
             n = len(s)
-            ok = valid[j, :n]
-            combined = combine_scales(raw[j, :n], mdl.scale_stats)
-            r = smooth_scores(np.where(ok, combined, np.nan), config.smooth)
-            ok = ok & np.isfinite(r)
-            score = normalise_scores(r, mdl.baseline_, mdl.threshold_)
-            expected = np.where(ok, mu[j, :n] * mdl.scale + mdl.center, np.nan)
-            half = np.where(ok, config.band_k * sd[j, :n] * mdl.scale, np.nan)
-            lower, upper = expected - half, expected + half
-            if mdl.extra.get("nonnegative"):  # the band stays in the series' own domain
-                expected, lower = np.maximum(expected, 0.0), np.maximum(lower, 0.0)
-            out[idx[j]] = ScoreResult(
-                timestamps=s.timestamps.copy(),
-                observed=s.values.copy(),
-                raw=r,
-                score=score,
-                flag=debounce_flags(score, config.debounce),
-                expected=expected,
-                lower=lower,
-                upper=np.maximum(upper, lower),
-            )
+            out[idx[j]] = finish(mdl, config, s, valid[j, :n], raw[j, :n], mu[j, :n], sd[j, :n])
     return out  # type: ignore[return-value]

@@ -6,19 +6,29 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from detector import Series, lead_in_points, regularize, score_many
+from detector.bank import Job, ModelBank
 from detector.calibration import Calibrator
 from detector.threshold import debounce_flags
 
 from ..config.base import format_duration
 from ..config.settings import Config, QueryConfig
 from ..source.prometheus import Source, SourceError
-from .registry import READY, Registry, SeriesState
+from .registry import (
+    READY,
+    Registry,
+    SeriesState,
+    merge_points,
+    merged_recent,
+    series_id,
+    trim_index,
+)
 from .selfmetrics import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -30,7 +40,15 @@ def grid_floor(t: float, step: float) -> float:
 
 
 class Poller:
-    """One tick: pull (position, now] of each query, update the registry, score the new points."""
+    """One tick: pull (position, now] of each query, update the registry, score the new points.
+
+    The registry lock is held only to look series up, take a snapshot of what to score and
+    publish results; merging buffers, scoring and calibrating run outside it (the poller
+    is the only writer of raw buffers, recent results and calibrators, so a snapshot stays
+    valid; a buffer the trainer changed meanwhile is merged again under the lock). With the
+    real scorer (score_many) the models of ready series live in a ModelBank, which scores
+    only the windows that are new; another score_fn (tests, fakes) gets the full lead-in.
+    """
 
     def __init__(self, cfg: Config, queries: Sequence[QueryConfig], source: Source,
                  registry: Registry, metrics: SelfMetrics, vae_config: Any, *,
@@ -51,6 +69,18 @@ class Poller:
         self.debounce = vae_config.debounce
         self._wake = threading.Event()
         self.polls_ok = 0  # polls in which every query succeeded
+        self.bank = ModelBank()  # models of the ready series, when score_fn is score_many
+        self.lock_held = 0.0  # seconds the registry lock was held in the last poll
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The registry lock, its hold time added to this poll's total."""
+        with self.registry.lock:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._held += time.perf_counter() - t
 
     def wake(self) -> None:
         """Make the background loop poll now (e.g. right after a training batch)."""
@@ -70,6 +100,7 @@ class Poller:
     def poll_once(self) -> bool:
         """Poll every query and score; True if every query succeeded. Never raises."""
         started = time.monotonic()
+        self._held = 0.0
         end = grid_floor(self.clock() - self.cfg.poll_delay, self.step)
         ok, new = True, 0
         for q in self.queries:
@@ -92,6 +123,8 @@ class Poller:
             self.polls_ok += 1
             self.metrics.last_poll.set(self.clock())
         self.metrics.poll_duration.observe(time.monotonic() - started)
+        self.lock_held = self._held
+        self.metrics.lock_held.observe(self._held)
         if new and self.on_new_series is not None:
             self.on_new_series()
         if self.persist is not None:
@@ -102,7 +135,7 @@ class Poller:
         """Where this poll starts: after the last pulled point, or earlier to refill lead-in."""
         pos = self.registry.positions.get(q.name)
         start = pos + self.step if pos is not None else end - self.lead_in * self.step
-        with self.registry.lock:
+        with self._locked():
             for s in self.registry.of_query(q.name):
                 if math.isfinite(s.scored_to) and (not len(s.buf_ts) or s.buf_ts[-1] < s.scored_to):
                     start = min(start, s.scored_to - self.lead_in * self.step)
@@ -118,88 +151,121 @@ class Poller:
         if start > end:
             return 0
         result = self.source.query_range(q.expr, start, end, self.step)
-        new, seen = 0, set()
-        with self.registry.lock:
-            for rs in result:
-                known = self.registry.get_by_labels(q.name, rs.labels)
-                s = known or self.registry.upsert(q.name, rs.labels)
+        ids = [series_id(q.name, rs.labels) for rs in result]
+        new = 0
+        with self._locked():  # look up and register; no per-series numpy here
+            pulled: dict[str, Any] = {}
+            for rs, sid in zip(result, ids):
+                s = self.registry.get(sid)
                 if s is None:
-                    continue
-                new += known is None
-                seen.add(s.id)
-                if len(rs.timestamps):
-                    s.add_points(rs.timestamps, rs.values)
+                    s = self.registry.upsert(q.name, rs.labels)
+                    if s is None:
+                        continue
+                    new += 1
+                pulled[s.id] = rs
+            members = [(s, s.buf_ts, s.buf_vals, s.scored_to) for s in self.registry.of_query(q.name)]
+        merged = [self._merge(s, t, v, scored_to, pulled.get(s.id), end)
+                  for s, t, v, scored_to in members]
+        with self._locked():
+            for (s, t, _, _), m in zip(members, merged):
+                rs = pulled.get(s.id)
+                if s.buf_ts is t:  # unchanged since the snapshot: take the merge
+                    s.buf_ts, s.buf_vals = m[0], m[1]
+                    s.observed_estimate += m[2]
+                    s.rewritten_from = min(s.rewritten_from, m[3])
+                else:  # the trainer filled it meanwhile: merge again, here
+                    if rs is not None and len(rs.timestamps):
+                        s.add_points(rs.timestamps, rs.values)
+                    if not len(s.buf_ts) or s.buf_ts[-1] < end:
+                        s.add_points(np.array([end]), np.array([np.nan]))
+                    s.trim(self.step, self.lead_in, self.max_buffer)
+                if rs is not None and len(rs.timestamps):
                     s.last_present = float(np.nanmax([s.last_present, rs.timestamps[-1]]))
-            for s in self.registry.of_query(q.name):
-                if not len(s.buf_ts) or s.buf_ts[-1] < end:
-                    s.add_points(np.array([end]), np.array([np.nan]))  # absent now: a gap
-                s.trim(self.step, self.lead_in, self.max_buffer)
             self.registry.positions[q.name] = end
-        for s in self.registry.expire(q.name, end, self.cfg.series_ttl, self.clock()):
+            gone = self.registry.expire(q.name, end, self.cfg.series_ttl, self.clock())
+        for s in gone:
             log.info("series %s %s vanished %.0f s ago; no longer exposed", q.name, s.exposed,
                      end - s.last_present)
         if new:
             log.info("query %s: %d new series", q.name, new)
         return new
 
+    def _merge(self, s: SeriesState, buf_ts: np.ndarray, buf_vals: np.ndarray,
+               scored_to: float, rs: Any, end: float) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """A series' buffer with the pulled points, a NaN at `end` if absent now, trimmed."""
+        t, v, fresh, changed = buf_ts, buf_vals, 0, math.inf
+        if rs is not None and len(rs.timestamps):
+            t, v, fresh, changed = merge_points(t, v, rs.timestamps, rs.values)
+        if not len(t) or t[-1] < end:  # absent now: a gap
+            t, v = np.append(t, end), np.append(v, np.nan)
+        first = trim_index(t, scored_to, self.step, self.lead_in, self.max_buffer)
+        return t[first:], v[first:], fresh, changed
+
     def _score_all(self) -> int:
-        """Score every unscored point of every ready series in one batched call."""
-        jobs: list[tuple[SeriesState, Any, float, Series]] = []
-        with self.registry.lock:
-            for s in self.registry.all():
-                if s.state != READY or s.model is None or not len(s.buf_ts):
-                    continue
-                if math.isfinite(s.scored_to):
-                    # A model loaded at restart, nothing exposed yet: score the newest scored
-                    # point again, so /metrics has scores now rather than one step later.
-                    again = s.model_origin == "loaded" and not len(s.recent.get("timestamp", ()))
-                    side = "left" if again else "right"
-                    i = int(np.searchsorted(s.buf_ts, s.scored_to, side=side))
-                else:
-                    i = len(s.buf_ts) - 1
-                if i >= len(s.buf_ts):
-                    continue
-                first = float(s.buf_ts[i])
-                lo = int(np.searchsorted(s.buf_ts, first - self.lead_in * self.step - 1e-6))
-                ser = regularize(s.buf_ts[lo:], s.buf_vals[lo:], self.step)
-                jobs.append((s, s.model, first, ser))
+        """Score every unscored point of every ready series in one batched pass."""
+        with self._locked():  # a snapshot: references only, no numpy
+            ready = [(s, s.model, s.buf_ts, s.buf_vals, s.scored_to,
+                      len(s.recent.get("timestamp", ())) > 0, s.rewritten_from)
+                     for s in self.registry.all()
+                     if s.state == READY and s.model is not None]
+            for s, *_ in ready:
+                s.rewritten_from = math.inf
+        use_bank = self.score_fn is score_many
+        if use_bank:
+            self._sync_bank(ready)
+        jobs: list[tuple[SeriesState, Any, float, Series, float]] = []
+        for s, model, buf_ts, buf_vals, scored_to, exposed, rewritten in ready:
+            if not len(buf_ts):
+                continue
+            if math.isfinite(scored_to):
+                # A model loaded at restart, nothing exposed yet: score the newest scored
+                # point again, so /metrics has scores now rather than one step later.
+                again = s.model_origin == "loaded" and not exposed
+                i = int(np.searchsorted(buf_ts, scored_to, side="left" if again else "right"))
+            else:
+                i = len(buf_ts) - 1
+            if i >= len(buf_ts):
+                continue
+            first = float(buf_ts[i])
+            jobs.append((s, model, first, self._lead_in(buf_ts, buf_vals, first, exposed),
+                         rewritten))
         if not jobs:
             return 0
-        try:
-            results = self.score_fn([j[1] for j in jobs], [j[3] for j in jobs])
-        except Exception:
-            log.exception("batched scoring of %d series failed; scoring one by one", len(jobs))
-            results = []
-            for s, model, _, ser in jobs:
-                try:
-                    results.append(self.score_fn([model], [ser])[0])
-                except Exception as e:  # noqa: BLE001 - one series' scoring is a boundary
-                    self.metrics.poll_errors.labels("score").inc()
-                    log.error("scoring series %s %s failed: %s", s.query, s.exposed, e)
-                    results.append(None)
+        results = self._score_jobs(jobs, use_bank)
         scored, adapted = 0, 0
-        with self.registry.lock:
-            for (s, _, first, ser), res in zip(jobs, results):
-                if res is None:
-                    s.scored_to = float(ser.timestamps[-1])  # skip the points it choked on
-                    continue
-                sel = res.timestamps >= first
-                score, flag = self._calibrate(s, res)
-                if s.calibrator.adapt_due:
-                    s.calibrator.adapt_due = False
-                    if not s.adapt_requested:
-                        s.adapt_requested = True
-                        adapted += 1
-                        log.info("series %s %s flagged for %s: its new level is the new normal; "
-                                 "retraining early", s.query, s.exposed,
-                                 format_duration(self.calibration.adapt_after * self.step))
-                rows = {"timestamp": res.timestamps[sel], "observed": res.observed[sel],
-                        "score": score[sel], "flag": flag[sel],
-                        "expected": res.expected[sel], "lower": res.lower[sel],
-                        "upper": res.upper[sel]}
-                s.record(rows, self.keep_scores)
-                s.trim(self.step, self.lead_in, self.max_buffer)
-                scored += int(sel.sum())
+        publish: list[tuple[SeriesState, dict[str, np.ndarray] | None, float]] = []
+        for (s, _, first, ser, _), res in zip(jobs, results):
+            if res is None:
+                publish.append((s, None, float(ser.timestamps[-1])))  # skip what it choked on
+                continue
+            sel = res.timestamps >= first
+            score, flag = self._calibrate(s, res)
+            if s.calibrator.adapt_due:
+                s.calibrator.adapt_due = False
+                if not s.adapt_requested:
+                    adapted += 1
+                    log.info("series %s %s flagged for %s: its new level is the new normal; "
+                             "retraining early", s.query, s.exposed,
+                             format_duration(self.calibration.adapt_after * self.step))
+                    publish.append((s, None, math.nan))  # asks for the early retrain below
+            rows = {"timestamp": res.timestamps[sel], "observed": res.observed[sel],
+                    "score": score[sel], "flag": flag[sel],
+                    "expected": res.expected[sel], "lower": res.lower[sel],
+                    "upper": res.upper[sel]}
+            if len(rows["timestamp"]):
+                publish.append((s, merged_recent(s.recent, rows, self.keep_scores), math.nan))
+            scored += int(sel.sum())
+        with self._locked():
+            for s, recent, skip_to in publish:
+                if recent is not None:
+                    s.publish(recent)
+                elif math.isfinite(skip_to):
+                    s.scored_to = skip_to
+                else:
+                    s.adapt_requested = True
+                first = trim_index(s.buf_ts, s.scored_to, self.step, self.lead_in, self.max_buffer)
+                if first:
+                    s.buf_ts, s.buf_vals = s.buf_ts[first:], s.buf_vals[first:]
         self.metrics.points_scored.inc(scored)
         if adapted:
             self.metrics.adaptations.inc(adapted)
@@ -207,9 +273,68 @@ class Poller:
                 self.on_adapt()
         return scored
 
+    def _lead_in(self, buf_ts: np.ndarray, buf_vals: np.ndarray, first: float,
+                 scored_before: bool) -> Series:
+        """The points to score from `first` on, on the grid, with lead_in points before it.
+
+        A series this process has scored before kept its lead-in (trim): the oldest lead-in
+        points it lacks are missing in the source, and become NaN. Every poll then sees the
+        same windows: the smoothing does not shrink by a window because the oldest point is
+        missing, and the bank's cache fits. (A buffer that is simply short, after the first
+        training, keeps its warm-up.)
+        """
+        want = first - self.lead_in * self.step
+        lo = int(np.searchsorted(buf_ts, want - 1e-6))
+        ser = regularize(buf_ts[lo:], buf_vals[lo:], self.step)
+        missing = round((ser.timestamps[0] - want) / self.step) if scored_before and len(ser) else 0
+        if missing > 0:
+            q0 = np.rint(ser.timestamps[0] / self.step)
+            head = (q0 - np.arange(missing, 0, -1)) * self.step
+            ser = Series(np.concatenate([head, ser.timestamps]),
+                         np.concatenate([np.full(missing, np.nan), ser.values]))
+        return ser
+
+    def _sync_bank(self, ready: list[tuple]) -> None:
+        """Install new models (first, retrained, loaded) in the bank; drop those gone."""
+        keep = set()
+        for s, model, *_ in ready:
+            keep.add(s.id)
+            try:
+                self.bank.install(s.id, model)
+            except Exception as e:  # noqa: BLE001 - one model is a boundary; scored alone
+                log.error("model of series %s %s cannot be served from the bank: %s",
+                          s.query, s.exposed, e)
+        for key in set(self.bank.keys()) - keep:
+            self.bank.remove(key)
+
+    def _score_jobs(self, jobs: list[tuple], use_bank: bool) -> list[Any]:
+        """Results per job (None where scoring failed): the bank's incremental pass, or
+        score_fn on the full lead-in; a failing batch is retried one series at a time."""
+        def batch(part: list[tuple]) -> list[Any]:
+            if use_bank:
+                return self.bank.score([Job(s.id, ser, first, stale) for s, _, first, ser, stale in part])
+            return self.score_fn([j[1] for j in part], [j[3] for j in part])
+
+        try:
+            return batch(jobs)
+        except Exception:
+            log.exception("batched scoring of %d series failed; scoring one by one", len(jobs))
+        results = []
+        for job in jobs:
+            s = job[0]
+            try:
+                results.append(batch([job])[0])
+            except Exception as e:  # noqa: BLE001 - one series' scoring is a boundary
+                self.metrics.poll_errors.labels("score").inc()
+                log.error("scoring series %s %s failed: %s", s.query, s.exposed, e)
+                results.append(None)
+                self.bank.remove(s.id)  # its cache may be half-written: rescore in full
+        return results
+
     def _calibrate(self, s: SeriesState, res: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated scores and flags of a result (call under the lock): the streaming
-        threshold of the series (detector.calibration), fed each new point once."""
+        """Calibrated scores and flags of a result: the streaming threshold of the series
+        (detector.calibration), fed each new point once. The poller alone feeds calibrators,
+        so this runs outside the lock (readers copy what they show or save)."""
         if s.calibrator is None:
             s.calibrator = Calibrator(self.calibration)
         score = s.calibrator.apply(res.timestamps, res.score, self.step)

@@ -22,6 +22,12 @@ class SelfMetrics:
         self.poll_duration = Histogram(
             "promvae_poll_duration_seconds", "Duration of one poll of all queries (incl. scoring).",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.lock_held = Histogram(
+            "promvae_registry_lock_held_seconds",
+            "Total time one poll held the registry lock (lookups, snapshot, publishing "
+            "results); /metrics and queries wait for it meanwhile.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
         self.poll_errors = Counter("promvae_poll_errors_total",
                                    "Failed polls or scoring passes by reason.", ["reason"],
                                    registry=r)

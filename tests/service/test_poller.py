@@ -279,3 +279,214 @@ def test_the_policy_can_be_turned_off(tmp_path):
     (s,) = rig.registry.all()
     assert not s.adapt_requested and s.recent["flag"][-1] == 1.0
     assert rig.sample("promvae_adaptations_total") == 0.0
+
+
+# ---- the serving path: bank, incremental scoring, lock ----------------------------------
+
+def random_model(vae, seed: int, trained_to: float):
+    """A real SeriesModel with random weights (no training), for the real scoring path."""
+    from detector.fitted import SeriesModel
+    from detector.model import init_params
+
+    rng = np.random.default_rng(seed)
+    return SeriesModel(vae, init_params(vae, [seed]), 60.0, center=float(rng.uniform(0, 5)),
+                       scale=float(rng.uniform(0.5, 2)), threshold_=3.0, baseline_=0.0,
+                       threshold_method="spot", seed=seed, trained_from=trained_to - 3600,
+                       trained_to=trained_to, trained_at=trained_to,
+                       n_train=100, scale_stats=[(0.0, 1.0)] * len(vae.score_scales))
+
+
+def noisy(seed: int, gaps: bool = True):
+    """A wavy series with hashed noise and, optionally, missing points and a long gap."""
+    def fn(t):
+        h = np.sin(t * 12.9898 + seed * 78.233) * 43758.5453
+        v = 3 + np.sin(t / 900 + seed) + (h - np.floor(h))
+        if gaps:
+            v[(h - np.floor(h)) < 0.08] = np.nan
+            v[(t >= T0 + 1800) & (t < T0 + 2400)] = np.nan
+        return v
+    return fn
+
+
+class Twins:
+    """Two pollers over identical sources and registries with the same real models: one
+    serves from the bank (incremental), the other scores the full lead-in with score_many."""
+
+    def __init__(self, tmp_path, n: int = 4) -> None:
+        from detector import score_many
+
+        self.inc = Rig(tmp_path / "inc")
+        self.full = Rig(tmp_path / "full")
+        self.inc.poller.score_fn = score_many  # the default: the bank
+        self.full.poller.score_fn = lambda m, s: score_many(m, s)  # another fn: full lead-in
+        for rig in (self.inc, self.full):
+            rig.clock.t = T0 - 7200
+            for i in range(n):
+                rig.source.set("metric_a", {"instance": f"i{i}"}, noisy(i, gaps=i != 0))
+            rig.poller.poll_once()
+            for s in rig.registry.all():
+                s.model = self.model(rig, int(s.labels["instance"][1:]))
+                s.state, s.scored_to, s.model_origin = READY, rig.clock() - 600, "trained"
+
+    def model(self, rig: Rig, seed: int):
+        """The bank stores weights in float16: the full-lead-in twin gets the same weights."""
+        m = random_model(rig.vae, seed, rig.clock())
+        if rig is self.full:
+            m.params = {k: v.half().float() for k, v in m.params.items()}
+        return m
+
+    def poll(self, seconds: float = 60) -> None:
+        for rig in (self.inc, self.full):
+            rig.clock.advance(seconds)
+            assert rig.poller.poll_once()
+
+    def assert_same(self) -> None:
+        for a in self.inc.registry.all():
+            b = self.full.registry.get(a.id)
+            assert a.recent.keys() == b.recent.keys()
+            np.testing.assert_array_equal(a.recent["timestamp"], b.recent["timestamp"])
+            for k in a.recent:
+                np.testing.assert_array_equal(np.isnan(a.recent[k]), np.isnan(b.recent[k]), err_msg=k)
+                np.testing.assert_allclose(a.recent[k], b.recent[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            assert a.scored_to == b.scored_to
+
+
+def test_the_bank_scores_incrementally_what_the_full_lead_in_scores(tmp_path):
+    tw = Twins(tmp_path)
+    tw.poll()  # first scoring: ten missed points, on the full lead-in
+    tw.assert_same()
+    calls = []
+    real = tw.inc.poller.bank.score
+
+    def counting(jobs):
+        res = real(jobs)
+        calls.append([len(r.timestamps) for r in res])
+        return res
+
+    tw.inc.poller.bank.score = counting
+    for _ in range(40):  # through the gap and out of it
+        tw.poll()
+        tw.assert_same()
+    assert all(n == [1] * 4 for n in calls[1:])  # one new row per series per poll
+    tw.poll(600)  # an outage: ten points at once
+    tw.assert_same()
+    # Ten new rows each; a series whose first missed points are missing in the source starts
+    # its lead-in later than the cached windows and is scored in full (same results).
+    assert calls[-1][0] == 10 and all(n == 10 or n > tw.inc.lead_in for n in calls[-1])
+    scores = np.concatenate([s.recent["score"] for s in tw.inc.registry.all()])
+    assert np.isfinite(scores).sum() > 100
+
+
+def test_a_retrained_model_replaces_the_bank_slot_and_its_cache(tmp_path):
+    tw = Twins(tmp_path, n=2)
+    tw.poll()
+    tw.poll()
+    bank = tw.inc.poller.bank
+    s = tw.inc.registry.get_by_labels("q", {"instance": "i1"})
+    old = s.model
+    for rig in (tw.inc, tw.full):
+        rig.registry.get(s.id).model = tw.model(rig, 77)  # what Trainer._install does
+    assert bank.model(s.id) is old
+    tw.poll()
+    assert bank.model(s.id) is s.model
+    assert old.params["enc0.w"].untyped_storage().data_ptr() != \
+        s.model.params["enc0.w"].untyped_storage().data_ptr()  # the old one keeps a copy
+    tw.assert_same()
+    for _ in range(3):
+        tw.poll()
+        tw.assert_same()
+    # A series that leaves the registry leaves the bank.
+    tw.inc.registry.remove(s.id, T0)
+    tw.poll()
+    assert s.id not in bank and len(bank) == 1
+
+
+def test_a_restart_scores_the_full_lead_in_then_goes_incremental(tmp_path):
+    tw = Twins(tmp_path, n=2)
+    tw.poll()
+    tw.poll()
+    p = tw.inc.poller  # a new process: same registry state, empty bank
+    tw.inc.poller = Poller(p.cfg, p.queries, p.source, p.registry, p.metrics, tw.inc.vae,
+                           clock=p.clock)
+    for _ in range(3):
+        tw.poll()
+        tw.assert_same()
+
+
+def test_the_lock_is_free_while_scoring(tmp_path):
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, level(3.0))
+    rig.poller.poll_once()
+    rig.make_ready()
+    got = []
+
+    def slow_score(models, series):  # another thread wants the lock meanwhile
+        def take():
+            ok = rig.registry.lock.acquire(timeout=5)
+            got.append(ok)
+            if ok:
+                rig.registry.lock.release()
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(10)
+        return fake_score_many(models, series)
+
+    rig.poller.score_fn = slow_score
+    rig.clock.advance(60)
+    rig.poller.poll_once()
+    assert got == [True]
+    assert rig.registry.all()[0].last_result()["score"] == pytest.approx(0.3)
+
+
+def test_the_lock_is_free_while_the_bank_scores(tmp_path):
+    tw = Twins(tmp_path, n=1)
+    tw.poll()
+    got = []
+    real = tw.inc.poller.bank.score
+
+    def take():
+        ok = tw.inc.registry.lock.acquire(timeout=5)
+        got.append(ok)
+        if ok:
+            tw.inc.registry.lock.release()
+
+    def slow(jobs):  # another thread wants the lock while the bank scores
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(10)
+        return real(jobs)
+
+    tw.inc.poller.bank.score = slow
+    tw.poll()
+    assert got == [True]
+    tw.assert_same()
+
+
+def test_lock_hold_per_poll_is_a_self_metric(tmp_path):
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, level(3.0))
+    rig.poller.poll_once()
+    rig.make_ready()
+    rig.clock.advance(60)
+    rig.poller.poll_once()
+    assert rig.sample("promvae_registry_lock_held_seconds_count") == 2
+    total = rig.sample("promvae_registry_lock_held_seconds_sum")
+    assert total > 0 and total == pytest.approx(rig.poller.lock_held + total - rig.poller.lock_held)
+    assert 0 < rig.poller.lock_held <= total
+
+
+def test_points_rewritten_in_the_buffer_are_rescored(tmp_path):
+    from grafana_plugin_backend.service.registry import SeriesState
+
+    s = SeriesState(id="x", query="q", labels={}, exposed={})
+    s.add_points(np.array([0.0, 60, 120]), np.array([1.0, np.nan, 3.0]))
+    assert s.rewritten_from == math.inf  # appended: nothing rewritten
+    s.add_points(np.array([180.0]), np.array([4.0]))
+    s.add_points(np.array([60.0, 120.0]), np.array([np.nan, 3.0]))  # the same values again
+    assert s.rewritten_from == math.inf
+    s.add_points(np.array([60.0, 240.0]), np.array([2.0, 5.0]))  # a late sample at 60
+    assert s.rewritten_from == 60.0
+    assert list(s.buf_vals) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    s.rewritten_from = math.inf
+    s.add_points(np.array([-60.0]), np.array([7.0]), overwrite=False)  # older history
+    assert s.rewritten_from == -60.0 and s.buf_ts[0] == -60.0

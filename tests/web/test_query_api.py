@@ -147,7 +147,8 @@ def test_instant_query_at_now_agrees_with_metrics(world):
 def test_on_demand_rescoring_with_the_real_model_matches_the_live_scores(tmp_path):
     """The live poller scores a few new points at a time; the query API scores whole ranges
     on demand. With the real model (training and score_many), both must give the same values
-    for the same times, up to the newest point /metrics exposes."""
+    for the same times, up to the newest point /metrics exposes (to float32 rounding: the live
+    bank scores one window per series, on demand a range, and batched matmuls round by shape)."""
     from tests.service_fixtures import seasonal
 
     clock = FakeClock(T0)
@@ -184,12 +185,12 @@ def test_on_demand_rescoring_with_the_real_model_matches_the_live_scores(tmp_pat
         for inst, rows in got.items():
             assert [t for t, _ in rows] == list(live[inst]["timestamp"]), (metric, inst)
             assert np.array([float(v) for _, v in rows]) == pytest.approx(
-                live[inst][field], rel=1e-6, abs=1e-9), (metric, inst)
+                live[inst][field], rel=1e-6, abs=1e-6), (metric, inst)
         # where the live buffer ends: the newest point, which /metrics exposed
         exposed = {x.labels["instance"]: x.value for x in fams[metric].samples}
         now = ok(client.get("/api/v1/query", query_string={"query": metric, "time": t1}))
         assert {r["metric"]["instance"]: float(r["value"][1]) for r in now["result"]} \
-            == pytest.approx(exposed, rel=1e-6, abs=1e-9), metric
+            == pytest.approx(exposed, rel=1e-6, abs=1e-6), metric
     assert app.extensions["promvae_query"].scorer.passes > passes  # rescored, not the live buffer
 
 
