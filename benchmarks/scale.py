@@ -610,7 +610,8 @@ def run_size(n_series: int, opt: Options, say: Callable[[str], None]) -> dict[st
                 r["lock_s"] = lock1[0]  # a gauge: the last poll's hold
             else:
                 held_n = lock1[1] - lock0[1]
-                r["lock_s"] = (lock1[0] - lock0[0]) / n_polls if held_n > 0 else None
+                # One observation per poll (the poller's total hold in that poll).
+                r["lock_s"] = (lock1[0] - lock0[0]) / held_n if held_n > 0 else None
             r["lock_exposed"] = True
         else:
             r["lock_s"], r["lock_exposed"] = None, False
