@@ -263,6 +263,7 @@ def backtest_range(
     deployment: Deployment | None = DEPLOYED,
     log: Callable[[str], None] | None = None,
     warmup: float | None = None,
+    phases: Sequence[float | None] | None = None,
 ) -> list[RangeBacktest | Exception]:
     """Replay the service on regular grids that begin up to `history` before `start`.
 
@@ -271,7 +272,8 @@ def backtest_range(
     day trained once); see `first_cut`. Then, deployed, it retrains and calibrates as the
     service does; with deployment None that model scores the rest. Points up to the first
     model's are not scored. Returns per series a RangeBacktest or the Exception that kept
-    it from training.
+    it from training. phases: per series, its retrain phase in the service (see
+    deployed_many), so the replayed retrains come at the service's slots.
     """
     if warmup is None:
         warmup = deployment.retrain_every if deployment is not None else 86400.0
@@ -289,7 +291,8 @@ def backtest_range(
     sub = [grids[i] for i in todo]
     if deployment is not None:
         results = deployed_many(sub, [cuts[i][0] for i in todo], [steps[i] for i in todo],
-                                config, deployment, progress=log)
+                                config, deployment, progress=log,
+                                phases=None if phases is None else [phases[i] for i in todo])
     else:
         heads = [Series(g.timestamps[: cuts[i][0] + 1], g.values[: cuts[i][0] + 1])
                  for i, g in zip(todo, sub)]

@@ -17,11 +17,13 @@ from datetime import UTC, datetime
 
 from detector import regularize
 from detector.backtest import RangeBacktest, backtest_range
+from detector.deploy import retrain_phase
 from detector.report import QueryReport, SeriesReport, fmt_duration, fmt_time, summarize
 from detector.scoring import ScoreResult
 
 from .config.base import format_duration, parse_duration
 from .config.settings import Config, QueryConfig
+from .service.registry import series_id
 from .source.demo import QUERIES as DEMO_QUERIES
 from .source.demo import DemoSource
 from .source.prometheus import MAX_POINTS, PrometheusSource, Source, chunk_ranges, grid_points
@@ -174,9 +176,11 @@ def run(cfg: Config, source: Source, query: QueryConfig, start: float, end: floa
              f"({'train once' if train_once else 'deployed: first models, then retrains'})")
     began = time.monotonic()
     vae = cfg.vae_config()
+    # Each series' retrains at its slot in the service (a hash of its id), as it would see them.
+    phases = [retrain_phase(series_id(query.name, rs.labels), cfg.retrain_every) for rs in found]
     outs = backtest_range(grids, [step] * len(grids), t0, vae,
                           None if train_once else cfg.deployment(), log=progress,
-                          warmup=cfg.retrain_every)
+                          warmup=cfg.retrain_every, phases=phases)
     progress(f"trained and scored {len(grids)} series in {time.monotonic() - began:.1f} s")
     reports: list[SeriesReport] = []
     results: dict[str, ScoreResult] = {}

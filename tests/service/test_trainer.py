@@ -6,6 +6,7 @@ import logging
 import threading
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from detector import InsufficientDataError, lead_in_points, min_train_points
@@ -439,8 +440,6 @@ def test_readme_says_what_ready_means_during_a_long_first_training():
 
 
 def test_training_memory_takes_sizes_and_refuses_nonsense(tmp_path):
-    import pytest
-
     from grafana_plugin_backend.config.base import ConfigError
     assert make_config(tmp_path, training_memory="1.5GiB").training_memory == 3 * 2**29
     assert make_config(tmp_path, training_memory=2**30).training_memory == 2**30
@@ -450,3 +449,30 @@ def test_training_memory_takes_sizes_and_refuses_nonsense(tmp_path):
             make_config(tmp_path, training_memory=bad)
     with pytest.raises(ConfigError, match="training_batch_series"):
         make_config(tmp_path, training_batch_series=-1)
+
+
+def test_the_backtest_command_replays_the_service_slots(monkeypatch):
+    from grafana_plugin_backend import backtest as cmd
+    from grafana_plugin_backend.config.settings import load_config
+    from grafana_plugin_backend.service.registry import series_id
+    from grafana_plugin_backend.source.demo import DemoSource
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(grids, steps, start, config, deployment, log=None, warmup=None, phases=None):
+        seen["phases"] = phases
+        raise Stop
+
+    monkeypatch.setattr(cmd, "backtest_range", spy)
+    cfg = load_config(None, environ={}, overrides={"retrain_every": "6h", "history": "1d"})
+    query = cmd.pick_query(cfg, "cpu_busy", None)
+    source = DemoSource()
+    with pytest.raises(Stop):
+        cmd.run(cfg, source, query, source.t0 - 2 * 86400.0, source.t0)
+    found = sorted(source.query_range(query.expr, source.t0 - 3 * 86400.0, source.t0, cfg.step),
+                   key=lambda rs: cmd.series_name(rs.labels))
+    assert seen["phases"] == [retrain_phase(series_id(query.name, rs.labels), 6 * 3600.0)
+                              for rs in found]
