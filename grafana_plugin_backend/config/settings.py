@@ -73,6 +73,15 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class AlertmanagerConfig:
+    """Feedback from Alertmanager: silences whose comment starts with a promvae marker."""
+
+    url: str = ""  # "" turns the reader off
+    feedback_interval: float = 60.0  # between reads of its silences
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class QueryConfig:
     name: str
     expr: str
@@ -119,6 +128,7 @@ class Config:
     web_max_request_bytes: int = 1024 * 1024  # larger request bodies get 413
     log_level: str = "info"
     shard: ShardConfig = field(default_factory=ShardConfig)
+    alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
     grafana_url: str = ""              # links to the drill-down dashboard (status page, alerts)
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig overrides
 
@@ -154,7 +164,8 @@ class Config:
 # Keys that take a duration; every other scalar is converted by its default's type.
 _DURATIONS = {"step", "history", "poll_every", "retrain_every", "adapt_after", "calibration_span",
               "series_ttl", "model_retention",
-              "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout"}
+              "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout",
+              "alertmanager.feedback_interval", "alertmanager.timeout"}
 _SECRETS = {"prometheus.basic_auth.password"}
 _SIZES = {"training_memory"}  # bytes, or a size: 1.5GiB, 512MiB, 2GB
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -430,6 +441,11 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     if cfg.grafana_url and not re.match(r"^https?://[^/\s]+", cfg.grafana_url):
         errors.append("grafana_url: must start with http:// or https://, "
                       f"got {redact_url(cfg.grafana_url)!r}")
+    am = cfg.alertmanager
+    if am.url and not re.match(r"^https?://[^/\s]+", am.url):
+        errors.append(f"alertmanager.url: must start with http:// or https://, got {redact_url(am.url)!r}")
+    if not am.feedback_interval > 0 or not am.timeout > 0:
+        errors.append("alertmanager.feedback_interval and alertmanager.timeout: must be positive")
     if cfg.shard.count < 1:
         errors.append("shard.count: must be at least 1")
     elif not -1 <= cfg.shard.index < cfg.shard.count:

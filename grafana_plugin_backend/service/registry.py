@@ -154,6 +154,9 @@ class SeriesState:
     recent: dict[str, np.ndarray] = field(default_factory=dict)  # "timestamp" + RESULT_FIELDS
     calibrator: Any = None  # detector.calibration.Calibrator: the streaming threshold, across retrains
     adapt_requested: bool = False  # the new-normal policy asked for an early retrain
+    # Judged ranges (detector.feedback.Feedback), saved in the model file; a new one asks for
+    # an early retrain through adapt_requested.
+    feedback: list = field(default_factory=list)
     regular_at: float = math.nan  # wall time of the last scheduled (not early) training
     # Oldest buffered timestamp add_points inserted or changed at or before the buffer's newest
     # point since the poller last looked: windows over it must be scored again.
@@ -187,7 +190,9 @@ class SeriesState:
     def publish(self, recent: dict[str, np.ndarray]) -> None:
         """Make `recent` (from merged_recent on the current one) the recent buffer."""
         self.recent = recent
-        self.scored_to = float(np.nanmax([self.scored_to, self.recent["timestamp"][-1]]))
+        newest = float(recent["timestamp"][-1])
+        if not self.scored_to >= newest:  # NaN (never scored) or older; no numpy: under the lock
+            self.scored_to = newest
         if self.on_result is not None:
             self.on_result()
 

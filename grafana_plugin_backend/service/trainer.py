@@ -128,6 +128,7 @@ class Trainer:
                 continue
             with self.registry.lock:
                 s.model, s.state, s.model_origin = model, READY, "loaded"
+                s.feedback = list(getattr(model, "feedback", []))  # they survive the restart
                 if not math.isfinite(s.scored_to):
                     s.scored_to = model.trained_to
             self.metrics.models_loaded.inc()
@@ -213,8 +214,13 @@ class Trainer:
         self.metrics.training_progress.set(0.0)
         queue_at_start = self.queued
         try:
+            # Feedback (service.feedback) only when some series has it: a fit_fn without the
+            # keyword keeps working.
+            with self.registry.lock:
+                judged = [list(s.feedback) for s, _ in fit]
+            extra = {"feedback": judged} if any(judged) else {}
             results = self.fit_fn([ser for _, ser in fit], self.step, self.vae_config,
-                                  progress=self._progress(started, queue_at_start))
+                                  progress=self._progress(started, queue_at_start), **extra)
         except Cancelled:
             raise
         except Exception as e:
@@ -318,6 +324,11 @@ class Trainer:
 
     def _install(self, s: SeriesState, ser: Series, model: Any) -> None:
         """Save and activate a fresh model; a first model also seeds lead-in and recent scores."""
+        with self.registry.lock:
+            # Feedback that came in during training is saved with the model and trains next.
+            late = [r for r in s.feedback if r not in getattr(model, "feedback", [])]
+            if hasattr(model, "feedback"):
+                model.feedback = list(s.feedback)
         try:
             self.store.save(s.id, model)
             stored = True
@@ -330,7 +341,7 @@ class Trainer:
             first = s.model is None
             if not s.adapt_requested:
                 s.regular_at = self.clock()
-            s.adapt_requested = False
+            s.adapt_requested = bool(late)
             s.model, s.state, s.model_origin = model, READY, "trained"
             s.stored = s.stored or stored
             s.last_error = ""

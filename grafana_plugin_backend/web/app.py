@@ -11,8 +11,10 @@ from typing import Any
 
 from flask import Flask
 
+from ..config.base import format_duration
 from ..config.settings import Config, describe
 from ..config.web import WebConfig, load_web_config
+from ..service.feedback import FeedbackMetrics, FeedbackReader
 from ..service.poller import Poller
 from ..service.registry import PENDING, READY, Registry
 from ..service.store import (
@@ -24,10 +26,11 @@ from ..service.store import (
     write_calibration,
 )
 from ..service.trainer import Trainer
+from ..source.alertmanager import AlertmanagerClient
 from ..source.demo import QUERIES as DEMO_QUERIES
 from ..source.demo import DemoSource
 from ..source.prometheus import PrometheusSource, Source
-from . import access, query_api, remote_read, shard
+from . import access, feedback, query_api, remote_read, shard
 from .explain import bp as explain_bp
 from .exposition import AnomalyText, build_registry
 from .exposition import bp as exposition_bp
@@ -79,6 +82,15 @@ class Service:
                                on_trained=self.poller.wake, **extra)
         self.poller.on_new_series = self.trainer.wake
         self.poller.on_adapt = self.trainer.wake
+        # Feedback: POST /api/v1/feedback, and Alertmanager's silences when a URL is set.
+        self.feedback_metrics = FeedbackMetrics(self.metrics_registry)
+        self.feedback_reader: FeedbackReader | None = None
+        am = cfg.alertmanager
+        if am.url:
+            self.feedback_reader = FeedbackReader(
+                AlertmanagerClient(am.url, am.timeout), self.registry, self.store,
+                self.feedback_metrics, am.feedback_interval,
+                lag=self.vae_config.smooth * cfg.step, clock=clock, on_feedback=self.trainer.wake)
 
     def init_app(self, app: Flask) -> None:
         app.extensions["promvae"] = self
@@ -125,6 +137,13 @@ class Service:
             threading.Thread(target=self.poller.run, args=(self._stop,),
                              name="promvae-poller", daemon=True),
         ]
+        if self.feedback_reader is not None:
+            log.info("feedback: reading silences of %s every %s",
+                     self.feedback_reader.client.describe(),
+                     format_duration(self.cfg.alertmanager.feedback_interval))
+            self._threads.append(threading.Thread(target=self.feedback_reader.run,
+                                                  args=(self._stop,), name="promvae-feedback",
+                                                  daemon=True))
         for t in self._threads:
             t.start()
 
@@ -140,6 +159,8 @@ class Service:
                 log.warning("%s did not stop within %.0f s", t.name, timeout)
         self.persist(final=True)
         self.source.close()
+        if self.feedback_reader is not None:
+            self.feedback_reader.client.close()
 
     def persist(self, final: bool = False) -> None:
         """Write the series index (labels, positions) when its series changed or every
@@ -187,6 +208,7 @@ def create_app(config: Config, *, service: Service | None = None,
     app.register_blueprint(status_bp)
     app.register_blueprint(explain_bp)
     query_api.init_app(app)
+    feedback.init_app(app)
     remote_read.init_app(app)
     shard.init_app(app, service.shard, service.registry, service.metrics_registry)
     if start_background:

@@ -16,6 +16,7 @@ from markupsafe import Markup
 from .. import __version__
 from ..query.explain import explain
 from ..query.promql import QueryError
+from ..service.feedback import describe_feedback
 from ..service.progress import FirstScore, first_score, human_wait
 from ..service.registry import FAILED, INSUFFICIENT, PENDING, READY, STATES, SeriesState
 from . import svgchart
@@ -70,6 +71,7 @@ def model_status(s: SeriesState, first: FirstScore | None = None) -> dict[str, A
         "training_points": m.n_train if m is not None else None,
         "threshold": _num(m.threshold_) if m is not None else None,
         "calibration": _calibration(s),
+        "feedback": describe_feedback(s.feedback),
         "last_score": _num(last["score"]) if last else None,
         "last_flag": _num(last["flag"]) if last else None,
         "last_observed": _num(last["observed"]) if last else None,
