@@ -41,7 +41,7 @@ def test_disk_full_keeps_the_old_model_file_and_the_new_model_in_memory(tmp_path
     (s,) = registry.all()
     path = store.models_dir / f"{s.id}.safetensors"
     old_bytes, old_model = path.read_bytes(), s.model
-    clock.advance(3600 + 600)  # past retrain_every, counted from the real-time trained_at
+    clock.t = trainer.regular_due_at(s) + 60  # past its slot, from the real-time trained_at
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
