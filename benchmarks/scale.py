@@ -557,7 +557,7 @@ def run_size(n_series: int, opt: Options, say: Callable[[str], None]) -> dict[st
         r["train_loop_s"] = tl.loop_s if tl.complete else None
         r["fit_s"] = tl.fit_s if tl.complete else None
         r["batch_s"] = tl.batch_s if tl.batches else None
-        r["train_flop"] = cost.flop * n_series
+        r["train_flop"] = cost.flop * (sum(tl.batches) or n_series)  # retries train twice
         r["train_full_flop"] = cost_full.flop * n_series
         # The steps after the first validation (at the end of epoch 1) up to the budget.
         steady_flop = ((cost.steps - cost.steps_per_epoch) * cost.flop_step
