@@ -13,7 +13,11 @@ ever makes the flag rarer.
 Persistent change becomes the new normal on purpose: a flag that has been up for
 `adapt_after` points is admitted into the reference (and the service retrains the series
 early, see `Calibrator.adapt_due`). A level shift that stays raises an alert when it
-happens, not for weeks.
+happens, not for weeks. The admission is a bridge to the retrains, not a lasting bar: once
+the second model after it scores the series (`apply(..., model_key=)`; the early retrain,
+then the next one, which has seen a day or more of the new level), the scores admitted since
+the change leave the reference again. Kept for the whole span, they held the threshold at
+the size of the shift for two weeks, deaf to the next anomaly.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class Calibrator:
     adapted_at: list = field(default_factory=list)  # timestamps of the admissions
     adapt_due: bool = False  # set when a run is admitted; the owner clears it (retrain)
     last_t: float = -math.inf  # newest timestamp fed
+    model_key: float | None = None  # identity of the model whose scores are fed (trained_to)
+    bridged: int = -1  # reference entries appended since an admission (-1: none pending)
+    bridge_models: int = 0  # models seen since the admission; the second ends the bridge
     _pending: list = field(default_factory=list)  # scores of the current run
     _tick: int = 0  # points fed since the last decimated append
 
@@ -85,6 +92,8 @@ class Calibrator:
         if keep:
             cap = math.ceil(self.config.span / self.stride)
             self.reference = np.concatenate([self.reference, keep])[-cap:]
+            if self.bridged >= 0:
+                self.bridged = min(self.bridged + len(keep), len(self.reference))
 
     def _refit(self) -> None:
         if len(self.reference) * self.stride < self.config.min_reference:
@@ -96,12 +105,35 @@ class Calibrator:
         self.threshold = max(thr, 1.0)
         self.baseline = min(base, self.threshold - 1e-6)
 
-    def apply(self, timestamps: np.ndarray, scores: np.ndarray, step: float) -> np.ndarray:
-        """Calibrated scores (N,) for model-normalised `scores` (N,) at `timestamps`.
+    def new_model(self, model_key: float | None) -> None:
+        """The scores fed from now on come from the model `model_key` (None: unknown).
+
+        The second new model after an admission ends the bridge: the admitted scores, and
+        those accepted since, leave the reference and the threshold is refit from what
+        remains (the model's own threshold if too little does). The first new model is the
+        early retrain, trained on hours of the new level beside a week of the old one: it
+        still finds the new level unusual, and without the bridge would flag it again.
+        """
+        if model_key is None or model_key == self.model_key:
+            return
+        if self.model_key is not None and self.bridged >= 0:
+            self.bridge_models += 1
+            if self.bridge_models >= 2:
+                self.reference = self.reference[:len(self.reference) - self.bridged]
+                self.threshold, self.baseline = 1.0, 0.0
+                self._refit()
+                self.bridged, self.bridge_models = -1, 0
+        self.model_key = model_key
+
+    def apply(self, timestamps: np.ndarray, scores: np.ndarray, step: float,
+              model_key: float | None = None) -> np.ndarray:
+        """Calibrated scores (N,) for model-normalised `scores` (N,) at `timestamps`, all
+        scored by the model `model_key` (see new_model).
 
         Points at or before the newest one fed are returned calibrated but not fed again,
         so rescoring a point (after a restart) does not count it twice.
         """
+        self.new_model(model_key)
         t = np.asarray(timestamps, dtype=np.float64)
         s = np.asarray(scores, dtype=np.float64)
         out = np.full(len(s), np.nan)
@@ -133,7 +165,10 @@ class Calibrator:
         self._pending.append(x)
         if self.config.adapt_after and self.run >= self.config.adapt_after:
             # The change has lasted: it is the new normal. Its scores join the reference
-            # (the threshold rises to it at the next refit) and the owner retrains.
+            # (the threshold rises to it at the next refit) until the owner's early retrain
+            # scores the series (new_model).
+            if self.bridged < 0:
+                self.bridged = 0
             self._accept(self._pending)
             self._pending = []
             self.run, self.run_start = 0, math.nan
@@ -146,7 +181,9 @@ class Calibrator:
         """JSON-able state (the reference goes separately as an array)."""
         return {"baseline": self.baseline, "threshold": self.threshold, "run": self.run,
                 "run_start": self.run_start, "adaptations": self.adaptations,
-                "last_t": self.last_t, "tick": self._tick, "pending": list(self._pending)}
+                "last_t": self.last_t, "tick": self._tick, "pending": list(self._pending),
+                "model_key": self.model_key, "bridged": self.bridged,
+                "bridge_models": self.bridge_models}
 
     @classmethod
     def restore(cls, config: CalibrationConfig, reference: np.ndarray, state: dict) -> Calibrator:
@@ -155,4 +192,8 @@ class Calibrator:
         c.run, c.run_start = int(state["run"]), float(state["run_start"])
         c.adaptations, c.last_t = int(state["adaptations"]), float(state["last_t"])
         c._tick, c._pending = int(state["tick"]), [float(v) for v in state["pending"]]
+        key = state.get("model_key")  # absent in files written before the bridge
+        c.model_key = None if key is None else float(key)
+        c.bridged = int(state.get("bridged", -1))
+        c.bridge_models = int(state.get("bridge_models", 0))
         return c

@@ -215,7 +215,13 @@ def _assemble(grid, starts, models, raw_scores, step, deployment, config, early)
     if deployment.calibrate and cut < n:
         cal = Calibrator(deployment.calibration(step))
         t = grid.timestamps
-        fields["score"][cut:] = cal.apply(t[cut:], fields["score"][cut:], step)
+        for a_pos, j in enumerate(starts):  # segment by segment: the calibrator sees retrains
+            a = cut if a_pos == 0 else j
+            end = starts[a_pos + 1] if a_pos + 1 < len(starts) else n
+            if a < end:
+                key = float(_in_force(models, starts, a_pos).trained_to)
+                fields["score"][a:end] = cal.apply(t[a:end], fields["score"][a:end], step,
+                                                   model_key=key)
         adaptations = cal.adaptations
         # Only the first new early retrain is certain: every flag after it depends on it.
         idx = np.searchsorted(t, np.asarray(cal.adapted_at), side="right")

@@ -234,12 +234,12 @@ class Poller:
         results = self._score_jobs(jobs, use_bank)
         scored, adapted = 0, 0
         publish: list[tuple[SeriesState, dict[str, np.ndarray] | None, float]] = []
-        for (s, _, first, ser, _), res in zip(jobs, results):
+        for (s, model, first, ser, _), res in zip(jobs, results):
             if res is None:
                 publish.append((s, None, float(ser.timestamps[-1])))  # skip what it choked on
                 continue
             sel = res.timestamps >= first
-            score, flag = self._calibrate(s, res)
+            score, flag = self._calibrate(s, res, model)
             if s.calibrator.adapt_due:
                 s.calibrator.adapt_due = False
                 if not s.adapt_requested:
@@ -331,11 +331,14 @@ class Poller:
                 self.bank.remove(s.id)  # its cache may be half-written: rescore in full
         return results
 
-    def _calibrate(self, s: SeriesState, res: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _calibrate(self, s: SeriesState, res: Any, model: Any) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated scores and flags of a result: the streaming threshold of the series
         (detector.calibration), fed each new point once. The poller alone feeds calibrators,
         so this runs outside the lock (readers copy what they show or save)."""
         if s.calibrator is None:
             s.calibrator = Calibrator(self.calibration)
-        score = s.calibrator.apply(res.timestamps, res.score, self.step)
+        # The model's identity: a retrain ends the bridge of an admitted new normal.
+        key = getattr(model, "trained_to", None)
+        score = s.calibrator.apply(res.timestamps, res.score, self.step,
+                                   model_key=None if key is None else float(key))
         return score, debounce_flags(score, self.debounce)

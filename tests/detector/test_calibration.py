@@ -82,3 +82,31 @@ def test_for_step_converts_durations():
     c = CalibrationConfig.for_step(60.0, adapt_after=3 * 3600.0)
     assert c.adapt_after == 180 and c.refit == 60 and c.span == 14 * 1440
     assert CalibrationConfig.for_step(60.0, adapt_after=None).adapt_after == 0
+
+
+def test_an_adopted_change_does_not_leave_the_series_deaf_after_its_retrains():
+    # Admitted scores are a bridge to the retrains: once the second model after the change
+    # scores the series, they leave the reference and the threshold is what it was.
+    r = np.random.default_rng(5)
+    s = 0.3 * r.standard_normal(3000)
+    s[1000:1300] += 6.0  # the old model meets the new level: flagged, then adopted
+    t = T0 + STEP * np.arange(len(s))
+    cal = Calibrator(CalibrationConfig(adapt_after=36))
+    cal.apply(t[:1000], s[:1000], STEP, model_key=1.0)
+    before = cal.threshold
+    out_old = cal.apply(t[1000:1300], s[1000:1300], STEP, model_key=1.0)
+    assert cal.adaptations == 1 and np.all(out_old[:30] >= 1)
+    bridged = cal.threshold
+    assert bridged > 3 * before  # while the old model scores the new level: no flood
+    cal.apply(t[1300:1600], s[1300:1600], STEP, model_key=2.0)  # the early retrain
+    assert cal.threshold == bridged or cal.threshold > 3 * before  # still bridging
+    cal.apply(t[1600:1700], s[1600:1700], STEP, model_key=3.0)  # the next retrain
+    assert cal.threshold < 1.2 * before  # hears the next anomaly again
+    late = cal.apply(t[1700:], s[1700:] + np.where(np.arange(1300) == 600, 3.0, 0.0), STEP,
+                     model_key=3.0)
+    assert late[600] >= 1  # a 10-sigma spike a week later is flagged
+    # A restart keeps the bridge state.
+    a = Calibrator(CalibrationConfig(adapt_after=36))
+    a.apply(t[:1300], s[:1300], STEP, model_key=1.0)
+    b = Calibrator.restore(a.config, a.reference.copy(), a.state())
+    assert (b.model_key, b.bridged, b.bridge_models) == (a.model_key, a.bridged, a.bridge_models)

@@ -35,7 +35,10 @@ def test_retrains_every_day_and_adopts_a_change_that_stays(small, shifted):
     at = shifted.timestamps[6 * DAY]
     after = [t for t in r.early if t > at]
     assert r.adaptations >= 1 and after and after[0] <= at + 6 * 3600
-    assert np.mean(score[7 * DAY:] >= 1) < 0.05
+    # The admitted scores bridge to the second retrain after the change (the regular one, a
+    # day of the new level in its history), then leave the calibration reference: one more
+    # short flag there (3 h here) is the price of not staying deaf for calibration_span.
+    assert np.mean(score[7 * DAY:] >= 1) < 0.08
     # Without the policy, the flag stays up until daily retrains learn the new level.
     (off,) = deployed_many([shifted], [3 * DAY - 1], [STEP], small, Deployment(adapt_after=None))
     day = slice(6 * DAY, 7 * DAY)
