@@ -1,7 +1,7 @@
 """The package layers hold: the import contracts of pyproject.toml's [tool.importlinter] pass.
 
-grafana_plugin_backend is cli > server | probe > web > query > service > source > config, each
-importing only below itself, no cycles inside a layer, and detector/ importing nothing of the
+grafana_plugin_backend is cli > server | probe | backtest > web > query > service > source >
+config, each importing only below itself, no cycles inside a layer, and detector/ importing nothing of the
 service, HTTP or Prometheus' clients. lint-imports reads the contracts from pyproject.toml.
 """
 
@@ -30,4 +30,5 @@ def test_every_module_of_the_service_sits_in_a_declared_layer():
     # exhaustive = true in the layers contract: a new top-level module must be given a layer.
     top = {p.stem for p in (ROOT / "grafana_plugin_backend").iterdir()
            if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
-    assert top == {"cli", "server", "probe", "web", "query", "service", "source", "config"}
+    assert top == {"cli", "server", "probe", "backtest", "web", "query", "service", "source",
+                   "config"}
