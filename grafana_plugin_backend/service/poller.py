@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,9 @@ from .registry import (
 from .selfmetrics import SelfMetrics
 
 log = logging.getLogger(__name__)
+
+
+EMPTY_WARN_EVERY = 3600.0  # a query that stays empty is named again this often
 
 
 def grid_floor(t: float, step: float) -> float:
@@ -69,18 +74,29 @@ class Poller:
         self.debounce = vae_config.debounce
         self._wake = threading.Event()
         self.polls_ok = 0  # polls in which every query succeeded
+        self.empty_since: dict[str, float] = {}  # query -> when it began returning nothing
         self.bank = ModelBank()  # models of the ready series, when score_fn is score_many
         self.lock_held = 0.0  # seconds the registry lock was held in the last poll
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """The registry lock, its hold time added to this poll's total."""
-        with self.registry.lock:
-            t = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._held += time.perf_counter() - t
+        """The registry lock, its hold time added to this poll's total.
+
+        The cyclic garbage collector waits meanwhile: a full collection over 10,000 series'
+        objects takes a few hundred ms, and must not run while /metrics waits for the lock.
+        """
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            with self.registry.lock:
+                t = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self._held += time.perf_counter() - t
+        finally:
+            if gc_was:
+                gc.enable()
 
     def wake(self) -> None:
         """Make the background loop poll now (e.g. right after a training batch)."""
@@ -151,6 +167,7 @@ class Poller:
         if start > end:
             return 0
         result = self.source.query_range(q.expr, start, end, self.step)
+        self._note_result(q, len(result))
         ids = [series_id(q.name, rs.labels) for rs in result]
         new = 0
         with self._locked():  # look up and register; no per-series numpy here
@@ -342,3 +359,20 @@ class Poller:
         score = s.calibrator.apply(res.timestamps, res.score, self.step,
                                    model_key=None if key is None else float(key))
         return score, debounce_flags(score, self.debounce)
+
+    def _note_result(self, q: QueryConfig, n: int) -> None:
+        """Count the series a query returned; say so when it returns none (a typo in a label,
+        a metric not scraped yet): an empty answer is not an error, and would pass unseen."""
+        self.metrics.query_series.labels(q.name).set(n)
+        if n:
+            since = self.empty_since.pop(q.name, None)
+            if since is not None:
+                log.info("query %s returns %d series again (none since %s)", q.name, n,
+                         datetime.fromtimestamp(since, tz=UTC).strftime("%Y-%m-%d %H:%M UTC"))
+            return
+        now = self.clock()
+        since = self.empty_since.setdefault(q.name, now)
+        if since == now or (now - since) % EMPTY_WARN_EVERY < self.cfg.poll_every:
+            how_long = f"for {format_duration(now - since)} now" if now > since else "first poll"
+            log.warning("query %s returned no series (%s): nothing to model; check its expr "
+                        "in Prometheus: %s", q.name, how_long, q.expr)

@@ -62,6 +62,9 @@ class SelfMetrics:
                                    "(each retrains the series early).", registry=r)
         self.last_training = Gauge("promvae_last_successful_training_timestamp_seconds",
                                    "Unix time the last training batch finished.", registry=r)
+        self.query_series = Gauge("promvae_query_series", "Series the last successful poll "
+                                  "of each query returned (0: the query selects nothing).",
+                                  ["anomaly_query"], registry=r)
         for reason in POLL_ERROR_REASONS:
             self.poll_errors.labels(reason)
         for reason in TRAINING_ERROR_REASONS:

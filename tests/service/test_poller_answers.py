@@ -1,4 +1,5 @@
-"""The poller against Prometheus' lookback: what the default poll_delay protects from."""
+"""The poller against what Prometheus answers: late samples (the default poll_delay) and
+queries that select nothing (named in the log and in promvae_query_series)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from grafana_plugin_backend.service.poller import Poller
 from grafana_plugin_backend.service.registry import Registry
 from grafana_plugin_backend.service.selfmetrics import SelfMetrics
-from tests.service_fixtures import FakeClock, make_config
+from tests.service_fixtures import FakeClock, FakeSource, make_config
 
 
 class LookbackSource:
@@ -61,3 +62,34 @@ def test_the_default_poll_delay_never_reads_a_carried_forward_value(tmp_path, de
     truth = np.floor(ts / 15.0) * 15.0  # the newest sample at or before each grid time
     assert observed.sum() >= 25
     assert np.array_equal(vals[observed] == truth[observed], np.full(observed.sum(), True)) == exact
+
+
+def test_a_query_that_selects_nothing_is_named_in_the_log_and_the_gauge(tmp_path, caplog):
+    cfg = make_config(tmp_path)
+    clock = FakeClock()
+    source = FakeSource(clock)
+    prom = CollectorRegistry()
+    poller = Poller(cfg, cfg.queries, source, Registry(cfg.max_series), SelfMetrics(prom),
+                    cfg.vae_config(), clock=clock)
+
+    def gauge() -> float | None:
+        return prom.get_sample_value("promvae_query_series", {"anomaly_query": "q"})
+
+    with caplog.at_level("INFO", logger="grafana_plugin_backend.service.poller"):
+        assert poller.poll_once()  # an empty answer is a successful poll...
+        assert gauge() == 0
+        assert "query q returned no series (first poll)" in caplog.text
+        assert "metric_a" in caplog.text  # ...named with its expr, to check in Prometheus
+        caplog.clear()
+        for _ in range(10):  # not every poll
+            clock.advance(60)
+            poller.poll_once()
+        assert "returned no series" not in caplog.text
+        for _ in range(55):  # but again after an hour
+            clock.advance(60)
+            poller.poll_once()
+        assert caplog.text.count("returned no series (for 1h now)") == 1
+        source.set("metric_a", {"instance": "a"}, lambda t: np.ones(len(t)))
+        clock.advance(60)
+        poller.poll_once()
+        assert gauge() == 1 and "query q returns 1 series again" in caplog.text
