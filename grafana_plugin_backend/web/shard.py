@@ -26,7 +26,7 @@ class ShardCollector:
         yield GaugeMetricFamily("promvae_shard_index", "This instance's shard index "
                                 "(0-based; --shard.index or the StatefulSet ordinal).",
                                 value=self.shard.index)
-        yield GaugeMetricFamily("promvae_shard_count", "Number of shards the series are spread "
+        yield GaugeMetricFamily("promvae_shards", "Number of shards the series are spread "
                                 "over (--shard.count).", value=self.shard.count)
         yield GaugeMetricFamily("promvae_shard_series_owned", "Series this shard owns and "
                                 "models (series of other shards are not counted anywhere).",

@@ -257,7 +257,7 @@ def test_one_shard_down_is_visible_not_silent(cluster):
     def gap() -> bool:  # the scrapes say which shard is missing, and that one is
         zero = _vector(cluster.api("/api/v1/query", query='up{job="promvae"} == 0'))
         missing = cluster.api("/api/v1/query", query=(
-            'max(promvae_shard_count) - count(up{job="promvae"} == 1)'))["data"]["result"]
+            'max(promvae_shards) - count(up{job="promvae"} == 1)'))["data"]["result"]
         return set(zero) == {down_target} and float(missing[0]["value"][1]) == 1
     wait_until(gap, timeout=30, description="up == 0 for the down shard, one shard missing")
     wait_until(lambda: float(cluster.api("/api/v1/query", query=(

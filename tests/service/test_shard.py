@@ -123,7 +123,7 @@ def test_each_shard_keeps_its_own_series_and_counts_none_as_dropped(tmp_path):
             seen[x] = seen.get(x, 0) + 1
         assert sum(metric(app, "promvae_series_dropped_total").values()) == 0
         assert metric(app, "promvae_shard_index") == {(): i}
-        assert metric(app, "promvae_shard_count") == {(): 3}
+        assert metric(app, "promvae_shards") == {(): 3}
         assert metric(app, "promvae_shard_series_owned") == {(): len(mine)}
         data = app.test_client().get("/api/v1/status/shard").get_json()["data"]
         assert (data["index"], data["count"], data["series_owned"]) == (i, 3, len(mine))
@@ -134,7 +134,7 @@ def test_one_shard_is_the_default_and_owns_everything(tmp_path):
     app, svc = sharded(tmp_path, 0, 1)
     svc.poller.poll_once()
     assert len(svc.registry) == 40
-    assert metric(app, "promvae_shard_count") == {(): 1}
+    assert metric(app, "promvae_shards") == {(): 1}
 
 
 def test_a_restart_with_more_shards_hands_over_the_moved_series(tmp_path):
