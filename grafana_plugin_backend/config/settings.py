@@ -105,7 +105,7 @@ class Config:
     training_batch_series: int = 0
     training_memory: int = 2 * 2**30   # bytes a training batch may take (default 2 GiB)
     queries: tuple[QueryConfig, ...] = ()
-    max_series: int = 1000             # cardinality cap over all queries
+    max_series: int = 20_000           # cardinality cap over all queries (sized for fleets)
     series_ttl: float = 900.0          # a series absent this long leaves /metrics
     model_retention: float = 7 * 86400.0  # a vanished series' model stays on disk this long
     max_catchup: float = 86400.0       # after downtime, score at most this much missed data
@@ -117,7 +117,7 @@ class Config:
     # the previous one carried forward, and the next poll never asks for that time again.
     poll_delay: float = 30.0
     torch_threads: int = 1             # CPU threads per torch op; 1 keeps scoring responsive
-    query_max_series: int = 1000       # anomaly_* series one query may select
+    query_max_series: int = 20_000     # anomaly_* series one query may select
     query_max_score_points: int = 2_000_000  # points one query may score on demand (series x range)
     query_cache_values: int = 4_000_000  # scored values kept for repeated queries (8 bytes each)
     query_timeout: float = 120.0       # a query running longer is cancelled (Prometheus' default)
