@@ -155,3 +155,54 @@ def test_an_unreachable_alertmanager_is_counted_and_never_fatal(tmp_path):
                                                   {"reason": "unreachable"})
     assert value == 2.0
     assert Service(make_config(tmp_path), source=FakeSource(clock), clock=clock).feedback_reader is None
+
+
+def test_bad_data_silenced_in_alertmanager_leaves_the_next_training(tmp_path, alertmanager_factory):
+    # "promvae: bad data" (an outage, a broken exporter) is the other marker: the range is left
+    # out of the retrain's training data and threshold fit, so the model does not learn it and
+    # the same shape still stands out (a false alarm, above, is learned as normal instead).
+    from grafana_plugin_backend.web.app import Service
+
+    am = alertmanager_factory(AM_CONFIG)
+    now = math.floor(time.time() / 3600) * 3600
+    p1 = now - 40 * 60
+    clock = FakeClock(now - 2 * 3600)
+    source = FakeSource(clock)
+    source.set("metric_a", {"instance": "a", "job": "app"}, _with_bumps([p1]))
+    cfg = make_config(tmp_path, window=16, history="12h", model=MODEL, retrain_every="24h",
+                      keep_scores="6h", **{"alertmanager.url": am.url})
+    fits: list[dict] = []
+
+    def fit(series, step, config, progress=None, feedback=None):
+        fits.append({"feedback": feedback, "series": series})
+        return fit_many(series, step, config, progress=progress, feedback=feedback)
+
+    svc = Service(cfg, source=source, clock=clock, fit_fn=fit)
+    svc.open()
+    svc.poller.poll_once()
+    assert svc.trainer.run_once() == 1
+    (s,) = svc.registry.all()
+    while clock() < now:
+        clock.advance(600)
+        svc.poller.poll_once()
+    assert _peak(s, p1, p1 + 30 * 60) >= 1.0
+    clock.t = max(clock(), time.time() + 1)
+    r = requests.post(f"{am.url}/api/v2/silences", timeout=10, json={
+        "matchers": [{"name": "anomaly_query", "value": "q", "isRegex": False, "isEqual": True},
+                     {"name": "instance", "value": "a", "isRegex": False, "isEqual": True}],
+        "startsAt": _iso(time.time()), "endsAt": _iso(time.time() + 3600),
+        "createdBy": "on-call", "comment": "Promvae: bad data - exporter restarted"})
+    assert r.status_code == 200, r.text
+    assert svc.feedback_reader.read_once() == 1
+    (fb,) = s.feedback
+    assert fb.kind == "exclude" and fb.start <= p1 and fb.end >= p1 + len(PATTERN) * STEP
+    assert svc.trainer.run_once() == 1  # queued: the early retrain
+    assert fits[1]["feedback"] == [[fb]]
+    model = s.model
+    t_train = fits[1]["series"][0].timestamps
+    inside = (t_train >= fb.start) & (t_train <= fb.end)
+    assert model.extra["feedback"]["excluded_points"] == int(inside.sum()) > len(PATTERN)
+    # Left out, not learned: the retrained model still finds the bump unusual.
+    grid = np.arange(p1 - 60 * STEP, p1 + 30 * 60 + STEP / 2, STEP)
+    (res,) = score_many([model], [Series(grid, _with_bumps([p1])(grid))])
+    assert float(np.nanmax(res.score[grid >= p1])) >= 1.0
