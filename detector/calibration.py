@@ -29,7 +29,7 @@ import numpy as np
 
 from .threshold import spot_threshold
 
-MAX_REFERENCE = 4096  # reference scores kept per series: 32 KB as float64, any step
+MAX_REFERENCE = 4096  # reference scores kept per series: 16 KB as float32, any step
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class Calibrator:
     """
 
     config: CalibrationConfig
-    reference: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # float32: half the bytes (16 KB a series), and what the store saves anyway
+    reference: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
     baseline: float = 0.0
     threshold: float = 1.0
     run: int = 0  # points in the current run of flags
@@ -91,7 +92,8 @@ class Calibrator:
                 keep.append(v)
         if keep:
             cap = math.ceil(self.config.span / self.stride)
-            self.reference = np.concatenate([self.reference, keep])[-cap:]
+            self.reference = np.concatenate(
+                [self.reference, np.asarray(keep, dtype=np.float32)])[-cap:]
             if self.bridged >= 0:
                 self.bridged = min(self.bridged + len(keep), len(self.reference))
 
@@ -99,7 +101,7 @@ class Calibrator:
         if len(self.reference) * self.stride < self.config.min_reference:
             return
         thr, _ = spot_threshold(self.reference, self.config.risk, self.config.init_quantile)
-        base = float(np.median(self.reference))
+        base = float(np.median(self.reference.astype(np.float64)))
         # The model's threshold (1.0) is a floor: fresh scores can make the flag rarer,
         # never more frequent than the model itself would raise it.
         self.threshold = max(thr, 1.0)
@@ -187,7 +189,7 @@ class Calibrator:
 
     @classmethod
     def restore(cls, config: CalibrationConfig, reference: np.ndarray, state: dict) -> Calibrator:
-        c = cls(config, np.asarray(reference, dtype=np.float64))
+        c = cls(config, np.asarray(reference, dtype=np.float32))
         c.baseline, c.threshold = float(state["baseline"]), float(state["threshold"])
         c.run, c.run_start = int(state["run"]), float(state["run_start"])
         c.adaptations, c.last_t = int(state["adaptations"]), float(state["last_t"])

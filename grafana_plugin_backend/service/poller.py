@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from detector import Series, lead_in_points, regularize, score_many
-from detector.bank import Job, ModelBank
+from detector.bank import Job, ModelBank, release_freed_memory
 from detector.calibration import Calibrator
 from detector.threshold import debounce_flags
 
@@ -34,6 +34,8 @@ from .registry import (
 from .selfmetrics import SelfMetrics
 
 log = logging.getLogger(__name__)
+
+RELEASE_AFTER = 64  # models installed in one poll before freed heap memory is returned
 
 
 EMPTY_WARN_EVERY = 3600.0  # a query that stays empty is named again this often
@@ -151,10 +153,12 @@ class Poller:
         """Where this poll starts: after the last pulled point, or earlier to refill lead-in."""
         pos = self.registry.positions.get(q.name)
         start = pos + self.step if pos is not None else end - self.lead_in * self.step
-        with self._locked():
-            for s in self.registry.of_query(q.name):
-                if math.isfinite(s.scored_to) and (not len(s.buf_ts) or s.buf_ts[-1] < s.scored_to):
-                    start = min(start, s.scored_to - self.lead_in * self.step)
+        # Read without the lock: the trainer sets a first model's buffer before its
+        # scored_to, so a read between the two can only start the pull earlier (harmless).
+        for s in self.registry.of_query(q.name):
+            scored_to, buf_ts = s.scored_to, s.buf_ts
+            if math.isfinite(scored_to) and (not len(buf_ts) or buf_ts[-1] < scored_to):
+                start = min(start, scored_to - self.lead_in * self.step)
         floor = end - self.cfg.max_catchup - self.lead_in * self.step
         if start < floor:
             log.warning("query %s: %.0f s of data missed; scoring the newest %.0f s only",
@@ -168,27 +172,35 @@ class Poller:
             return 0
         result = self.source.query_range(q.expr, start, end, self.step)
         self._note_result(q, len(result))
-        ids = [series_id(q.name, rs.labels) for rs in result]
-        new = 0
-        with self._locked():  # look up and register; no per-series numpy here
-            pulled: dict[str, Any] = {}
-            for rs, sid in zip(result, ids):
-                s = self.registry.get(sid)
-                if s is None:
-                    s = self.registry.upsert(q.name, rs.labels)
-                    if s is None:
-                        continue
-                    new += 1
+        known = {s.id: s for s in self.registry.of_query(q.name)}
+        pulled: dict[str, Any] = {}
+        unknown = []
+        for rs in result:
+            s = known.get(series_id(q.name, rs.labels))
+            if s is None:
+                unknown.append(rs)
+            else:
                 pulled[s.id] = rs
-            members = [(s, s.buf_ts, s.buf_vals, s.scored_to) for s in self.registry.of_query(q.name)]
+        new = 0
+        if unknown:
+            with self._locked():  # register the new ones
+                for rs in unknown:
+                    s = self.registry.upsert(q.name, rs.labels)
+                    if s is not None:
+                        new += s.id not in known
+                        known[s.id], pulled[s.id] = s, rs
+        # Snapshot without the lock: the poller is the buffers' writer; a buffer the
+        # trainer replaced meanwhile is seen by identity below and merged again.
+        members = [(s, s.buf_ts, s.buf_vals, s.scored_to) for s in known.values()]
         merged = [self._merge(s, t, v, scored_to, pulled.get(s.id), end)
                   for s, t, v, scored_to in members]
         with self._locked():
-            for (s, t, _, _), m in zip(members, merged):
+            for (s, t, v, _), m in zip(members, merged):
                 rs = pulled.get(s.id)
-                if s.buf_ts is t:  # unchanged since the snapshot: take the merge
+                if s.buf_ts is t and s.buf_vals is v:  # unchanged since the snapshot
                     s.buf_ts, s.buf_vals = m[0], m[1]
-                    s.observed_estimate += m[2]
+                    if m[2]:
+                        s.observed_estimate += m[2]
                     s.rewritten_from = min(s.rewritten_from, m[3])
                 else:  # the trainer filled it meanwhile: merge again, here
                     if rs is not None and len(rs.timestamps):
@@ -197,7 +209,9 @@ class Poller:
                         s.add_points(np.array([end]), np.array([np.nan]))
                     s.trim(self.step, self.lead_in, self.max_buffer)
                 if rs is not None and len(rs.timestamps):
-                    s.last_present = float(np.nanmax([s.last_present, rs.timestamps[-1]]))
+                    last = float(rs.timestamps[-1])
+                    if not s.last_present >= last:  # NaN or older (nanmax without numpy)
+                        s.last_present = last
             self.registry.positions[q.name] = end
             gone = self.registry.expire(q.name, end, self.cfg.series_ttl, self.clock())
         for s in gone:
@@ -220,13 +234,14 @@ class Poller:
 
     def _score_all(self) -> int:
         """Score every unscored point of every ready series in one batched pass."""
+        ready = []
         with self._locked():  # a snapshot: references only, no numpy
-            ready = [(s, s.model, s.buf_ts, s.buf_vals, s.scored_to,
-                      len(s.recent.get("timestamp", ())) > 0, s.rewritten_from)
-                     for s in self.registry.all()
-                     if s.state == READY and s.model is not None]
-            for s, *_ in ready:
-                s.rewritten_from = math.inf
+            for s in self.registry.all():
+                if s.state == READY and s.model is not None:
+                    ready.append((s, s.model, s.buf_ts, s.buf_vals, s.scored_to,
+                                  len(s.recent.get("timestamp", ())) > 0, s.rewritten_from))
+                    if s.rewritten_from != math.inf:
+                        s.rewritten_from = math.inf
         use_bank = self.score_fn is score_many
         if use_bank:
             self._sync_bank(ready)
@@ -272,6 +287,8 @@ class Poller:
             if len(rows["timestamp"]):
                 publish.append((s, merged_recent(s.recent, rows, self.keep_scores), math.nan))
             scored += int(sel.sum())
+        # Publishing only: the buffers are trimmed to the new scored_to by the next poll's
+        # merge (they hold one poll's points more meanwhile).
         with self._locked():
             for s, recent, skip_to in publish:
                 if recent is not None:
@@ -280,9 +297,6 @@ class Poller:
                     s.scored_to = skip_to
                 else:
                     s.adapt_requested = True
-                first = trim_index(s.buf_ts, s.scored_to, self.step, self.lead_in, self.max_buffer)
-                if first:
-                    s.buf_ts, s.buf_vals = s.buf_ts[first:], s.buf_vals[first:]
         self.metrics.points_scored.inc(scored)
         if adapted:
             self.metrics.adaptations.inc(adapted)
@@ -302,7 +316,13 @@ class Poller:
         """
         want = first - self.lead_in * self.step
         lo = int(np.searchsorted(buf_ts, want - 1e-6))
-        ser = regularize(buf_ts[lo:], buf_vals[lo:], self.step)
+        t, v = buf_ts[lo:], buf_vals[lo:]
+        n = len(t)
+        if n and t[-1] - t[0] == (n - 1) * self.step and t[0] == np.rint(t[0] / self.step) * self.step:
+            # Sorted, unique (merge_points) and every grid point present: already regular.
+            ser = Series(t, np.where(np.isinf(v), np.nan, v) if np.isinf(v).any() else v)
+        else:
+            ser = regularize(t, v, self.step)
         missing = round((ser.timestamps[0] - want) / self.step) if scored_before and len(ser) else 0
         if missing > 0:
             q0 = np.rint(ser.timestamps[0] / self.step)
@@ -313,16 +333,19 @@ class Poller:
 
     def _sync_bank(self, ready: list[tuple]) -> None:
         """Install new models (first, retrained, loaded) in the bank; drop those gone."""
-        keep = set()
+        keep, installed = set(), 0
         for s, model, *_ in ready:
             keep.add(s.id)
             try:
+                installed += self.bank.model(s.id) is not model
                 self.bank.install(s.id, model)
             except Exception as e:  # noqa: BLE001 - one model is a boundary; scored alone
                 log.error("model of series %s %s cannot be served from the bank: %s",
                           s.query, s.exposed, e)
         for key in set(self.bank.keys()) - keep:
             self.bank.remove(key)
+        if installed >= RELEASE_AFTER:
+            release_freed_memory()  # the models' float32 originals, freed by the bank
 
     def _score_jobs(self, jobs: list[tuple], use_bank: bool) -> list[Any]:
         """Results per job (None where scoring failed): the bank's incremental pass, or

@@ -110,3 +110,19 @@ def test_an_adopted_change_does_not_leave_the_series_deaf_after_its_retrains():
     a.apply(t[:1300], s[:1300], STEP, model_key=1.0)
     b = Calibrator.restore(a.config, a.reference.copy(), a.state())
     assert (b.model_key, b.bridged, b.bridge_models) == (a.model_key, a.bridged, a.bridge_models)
+
+
+def test_the_reference_is_float32_and_bounded():
+    """16 KB a series at most (MAX_REFERENCE float32), whatever the span; restored the same."""
+    import math as _math
+
+    from detector.calibration import MAX_REFERENCE, CalibrationConfig, Calibrator
+
+    cfg = CalibrationConfig.for_step(60.0)  # 14 days at 1 minute: 20,160 points
+    c = Calibrator(cfg)
+    t = 60.0 * np.arange(30_000)
+    c.apply(t, np.random.default_rng(0).normal(0, 0.1, len(t)), 60.0)
+    assert c.reference.dtype == np.float32
+    assert len(c.reference) == _math.ceil(cfg.span / c.stride) <= MAX_REFERENCE
+    back = Calibrator.restore(cfg, c.reference, c.state())
+    assert back.reference.dtype == np.float32
