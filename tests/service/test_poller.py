@@ -471,8 +471,7 @@ def test_lock_hold_per_poll_is_a_self_metric(tmp_path):
     rig.poller.poll_once()
     assert rig.sample("promvae_registry_lock_held_seconds_count") == 2
     total = rig.sample("promvae_registry_lock_held_seconds_sum")
-    assert total > 0 and total == pytest.approx(rig.poller.lock_held + total - rig.poller.lock_held)
-    assert 0 < rig.poller.lock_held <= total
+    assert 0 < rig.poller.lock_held < total  # the last poll's hold, and the sum of both
 
 
 def test_points_rewritten_in_the_buffer_are_rescored(tmp_path):
