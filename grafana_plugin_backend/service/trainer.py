@@ -72,7 +72,10 @@ class Trainer:
         # After a first training the poller scores this much of the history's tail at once, so
         # /metrics and the query API's live buffer cover `keep_scores` without on-demand work.
         self.initial_points = cfg.keep_points
-        self.retry_after = min(cfg.retrain_every, 3600.0)  # failed series: next attempt
+        # Failed series: the next attempt. At most half of retrain_every, the nearest a regular
+        # slot can follow a training (detector.deploy.next_regular), or a short retrain_every
+        # would have its slots held back by it, off the schedule the backtest replays.
+        self.retry_after = min(cfg.retrain_every / 2, 3600.0)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.loaded_once = False  # the stored models of the previous run were loaded

@@ -124,6 +124,7 @@ class Promvae(PromvaeProcess):
         super().__init__(workdir, {
             "prometheus": {"url": prometheus_url, "timeout": "5s", "retries": 0},
             "step": f"{STEP:g}s", "history": "1h", "window": WINDOW, "poll_every": "2s",
+            "poll_delay": "2s",  # a 2 s step: the default 30 s suits 15-60 s scrapes
             "retrain_every": "24h",
             "queries": [{"name": QUERY, "expr": METRIC}, {"name": "canary", "expr": CANARY}],
             "model": MODEL,

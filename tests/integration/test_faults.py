@@ -48,6 +48,7 @@ class Promvae(PromvaeProcess):
             "prometheus": {"url": prometheus_url, "timeout": f"{TIMEOUT:g}s", "retries": 1,
                            "max_response_bytes": MAX_RESPONSE_BYTES},
             "step": f"{STEP:g}s", "history": "1h", "window": 16, "poll_every": "1s",
+            "poll_delay": "2s",  # a 2 s step: the default 30 s suits 15-60 s scrapes
             "retrain_every": "24h", "series_ttl": "30s", "max_series": MAX_SERIES,
             "torch_threads": 1, "queries": [{"name": "app", "expr": METRIC}], "model": MODEL,
         }, storage=workdir / "promvae-data")

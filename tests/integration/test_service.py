@@ -76,6 +76,7 @@ class Promvae(PromvaeProcess):
         super().__init__(workdir, {
             "prometheus": {"url": prometheus_url, "timeout": "5s", "retries": 0},
             "step": f"{STEP:g}s", "history": "7h", "window": 16, "poll_every": "2s",
+            "poll_delay": "2s",  # scraped every second: the default 30 s suits 15-60 s scrapes
             "retrain_every": "24h", "series_ttl": "20s", "max_catchup": "1h",
             "keep_scores": "20m", "queries": [{"name": QUERY, "expr": METRIC}], "model": MODEL,
         }, storage=workdir / "promvae-data")
