@@ -169,8 +169,7 @@ class Calibrator:
             # The change has lasted: it is the new normal. Its scores join the reference
             # (the threshold rises to it at the next refit) until the owner's early retrain
             # scores the series (new_model).
-            if self.bridged < 0:
-                self.bridged = 0
+            self.bridged = max(self.bridged, 0)
             self._accept(self._pending)
             self._pending = []
             self.run, self.run_start = 0, math.nan

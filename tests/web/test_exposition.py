@@ -19,6 +19,7 @@ from tests.fake_results import TRICKY_VALUES, fill, result_rows
 from tests.promstack import PROMTOOL_BIN, require_binary
 from tests.service_fixtures import FakeClock, FakeSource, make_config, started_service
 
+
 def rows(score: float, observed: float = 5.0, expected: float = 4.0) -> dict:
     return {"timestamp": np.array([1.0]), "observed": np.array([observed]),
             "score": np.array([score]), "flag": np.array([float(score >= 1)]),
