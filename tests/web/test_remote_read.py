@@ -28,31 +28,17 @@ from tests.service_fixtures import (
     FakeSource,
     fake_score_many,
     make_config,
-    started_service,
 )
+from tests.web.spike_world import HOUR, SPIKE, A, B, spike_world
 
-HOUR = 3600.0
-SPIKE = T0 - 5 * HOUR  # instance "a" reads 25 (score 2.5) for three minutes from here
-A = {"instance": "a", "job": "app"}
-B = {"instance": "b", "job": "app"}
 EQ, NEQ, RE, NRE = LabelMatcher.EQ, LabelMatcher.NEQ, LabelMatcher.RE, LabelMatcher.NRE
 HEADERS = {"Content-Encoding": "snappy", "Content-Type": "application/x-protobuf",
            "X-Prometheus-Remote-Read-Version": "0.1.0"}
 
 
-def level_a(t: np.ndarray) -> np.ndarray:
-    return np.where((t >= SPIKE) & (t < SPIKE + 180), 25.0, 5.0)
-
-
 @pytest.fixture
 def world(tmp_path):
-    clock = FakeClock(T0)
-    source = FakeSource(clock, start=T0 - 24 * HOUR)
-    source.set("metric_a", A, level_a)
-    source.set("metric_a", B, lambda t: np.full(len(t), 3.0))
-    cfg = make_config(tmp_path, keep_scores="1h")  # SPIKE lies before the live buffer
-    app, svc = started_service(cfg, source, clock)
-    return app, svc, source, clock
+    return spike_world(tmp_path)
 
 
 @pytest.fixture
