@@ -46,6 +46,14 @@ def _with_bumps(starts: list[float]):
     return fn
 
 
+def _recording_fit(fits: list[dict]):
+    """fit_many, noting the series and feedback of each call in `fits`."""
+    def fit(series, step, config, progress=None, feedback=None):
+        fits.append({"feedback": feedback, "series": series})
+        return fit_many(series, step, config, progress=progress, feedback=feedback)
+    return fit
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=UTC).isoformat().replace("+00:00", "Z")
 
@@ -70,11 +78,7 @@ def test_a_false_alarm_silenced_in_alertmanager_stops_firing_on_its_repeat(tmp_p
                       keep_scores="6h", **{"alertmanager.url": am.url,
                                            "alertmanager.feedback_interval": "0.2s"})
     fits: list[dict] = []
-
-    def fit(series, step, config, progress=None, feedback=None):
-        fits.append({"feedback": feedback, "series": series})
-        return fit_many(series, step, config, progress=progress, feedback=feedback)
-
+    fit = _recording_fit(fits)
     svc = Service(cfg, source=source, clock=clock, fit_fn=fit)
     svc.open()
     svc.poller.poll_once()
@@ -172,11 +176,7 @@ def test_bad_data_silenced_in_alertmanager_leaves_the_next_training(tmp_path, al
     cfg = make_config(tmp_path, window=16, history="12h", model=MODEL, retrain_every="24h",
                       keep_scores="6h", **{"alertmanager.url": am.url})
     fits: list[dict] = []
-
-    def fit(series, step, config, progress=None, feedback=None):
-        fits.append({"feedback": feedback, "series": series})
-        return fit_many(series, step, config, progress=progress, feedback=feedback)
-
+    fit = _recording_fit(fits)
     svc = Service(cfg, source=source, clock=clock, fit_fn=fit)
     svc.open()
     svc.poller.poll_once()
