@@ -192,6 +192,9 @@ def _backtest_query(args: argparse.Namespace, cfg: Config) -> int:
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    from .service import allocator
+
+    allocator.tune_for_training()  # the replay trains batches as the service does
     source = make_source(cfg)
     try:
         outcome = run(cfg, source, query, start, end, train_once=args.train_once,

@@ -17,6 +17,7 @@ from flask import Flask
 from .config.base import ConfigError
 from .config.settings import Config
 from .config.web import TLSServerConfig, WebConfig
+from .service import allocator
 from .web.app import Service, create_app
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def serve(cfg: Config, service: Service | None = None) -> int:
         # Training and scoring run in separate threads; several intra-op threads per torch
         # call oversubscribe small machines (measured 30x slower bmm on 2 busy cores).
         torch.set_num_threads(cfg.torch_threads)
+    allocator.tune_for_training()
     previous = signal.signal(signal.SIGTERM, _raise_exit)
     try:
         service.start()

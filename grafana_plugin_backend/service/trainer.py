@@ -35,6 +35,7 @@ from detector.memory import fit_bytes_per_series
 from ..config.base import format_duration
 from ..config.settings import Config, QueryConfig
 from ..source.prometheus import Source, SourceError, only_series
+from . import allocator
 from .poller import grid_floor
 from .progress import human_wait
 from .registry import FAILED, INSUFFICIENT, PENDING, READY, Registry, SeriesState, series_id
@@ -373,6 +374,7 @@ class Trainer:
         return progress
 
     def _after_batch(self, started: float, trained: int, total: int) -> None:
+        allocator.release()  # the batch's working memory, kept in the heap between its steps
         self._set_queue(len(self.due(self.clock())))
         took = time.monotonic() - started
         self.metrics.training_duration.observe(took)
