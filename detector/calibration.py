@@ -14,10 +14,11 @@ Persistent change becomes the new normal on purpose: a flag that has been up for
 `adapt_after` points is admitted into the reference (and the service retrains the series
 early, see `Calibrator.adapt_due`). A level shift that stays raises an alert when it
 happens, not for weeks. The admission is a bridge to the retrains, not a lasting bar: once
-the second model after it scores the series (`apply(..., model_key=)`; the early retrain,
-then the next one, which has seen a day or more of the new level), the scores admitted since
-the change leave the reference again. Kept for the whole span, they held the threshold at
-the size of the shift for two weeks, deaf to the next anomaly.
+a model trained `bridge` after the change began scores the series (`apply(..., model_key=)`,
+the key being the model's trained_to), the scores admitted since the change leave the
+reference again. Kept for the whole span, they held the threshold at the size of the shift
+for two weeks, deaf to the next anomaly; dropped at the first regular retrain (hours after
+the change), they let the new level flag again under a model that had seen little of it.
 """
 
 from __future__ import annotations
@@ -42,16 +43,20 @@ class CalibrationConfig:
     adapt_after: int = 36  # flagged this long: admitted as the new normal (3 h at 5 min)
     risk: float = 1e-3
     init_quantile: float = 0.98
+    bridge: int = 576  # admitted scores leave once a model trained this long after the change
+    # scores the series (2 days at 5 min); 0: they stay for the span
 
     @classmethod
     def for_step(cls, step: float, *, span: float = 14 * 86400.0, min_reference: float = 86400.0,
                  refit: float = 3600.0, adapt_after: float | None = 3 * 3600.0,
-                 risk: float = 1e-3, init_quantile: float = 0.98) -> CalibrationConfig:
-        """Durations in seconds -> points at `step`. adapt_after None: never adapt."""
+                 risk: float = 1e-3, init_quantile: float = 0.98,
+                 bridge: float | None = 2 * 86400.0) -> CalibrationConfig:
+        """Durations in seconds -> points at `step`. adapt_after None: never adapt; bridge
+        None: admitted scores stay for the span."""
         pts = lambda seconds: max(1, round(seconds / step))
         return cls(span=pts(span), min_reference=pts(min_reference), refit=pts(refit),
                    adapt_after=0 if adapt_after is None else pts(adapt_after), risk=risk,
-                   init_quantile=init_quantile)
+                   init_quantile=init_quantile, bridge=0 if bridge is None else pts(bridge))
 
 
 @dataclass
@@ -74,7 +79,7 @@ class Calibrator:
     last_t: float = -math.inf  # newest timestamp fed
     model_key: float | None = None  # identity of the model whose scores are fed (trained_to)
     bridged: int = -1  # reference entries appended since an admission (-1: none pending)
-    bridge_models: int = 0  # models seen since the admission; the second ends the bridge
+    bridge_start: float = math.nan  # where the admitted change began
     _pending: list = field(default_factory=list)  # scores of the current run
     _tick: int = 0  # points fed since the last decimated append
 
@@ -107,24 +112,25 @@ class Calibrator:
         self.threshold = max(thr, 1.0)
         self.baseline = min(base, self.threshold - 1e-6)
 
-    def new_model(self, model_key: float | None) -> None:
-        """The scores fed from now on come from the model `model_key` (None: unknown).
+    def new_model(self, model_key: float | None, step: float) -> None:
+        """The scores fed from now on come from the model `model_key` (its trained_to;
+        None: unknown).
 
-        The second new model after an admission ends the bridge: the admitted scores, and
-        those accepted since, leave the reference and the threshold is refit from what
-        remains (the model's own threshold if too little does). The first new model is the
-        early retrain, trained on hours of the new level beside a week of the old one: it
-        still finds the new level unusual, and without the bridge would flag it again.
+        A model trained `bridge` or more after the admitted change began ends the bridge:
+        the admitted scores, and those accepted since, leave the reference and the threshold
+        is refit from what remains (the model's own threshold if too little does). Models
+        before it (the early retrain, the next daily ones) were trained on hours of the new
+        level beside a week of the old one: they still find the new level unusual, and
+        without the bridge would flag it again.
         """
         if model_key is None or model_key == self.model_key:
             return
-        if self.model_key is not None and self.bridged >= 0:
-            self.bridge_models += 1
-            if self.bridge_models >= 2:
-                self.reference = self.reference[:len(self.reference) - self.bridged]
-                self.threshold, self.baseline = 1.0, 0.0
-                self._refit()
-                self.bridged, self.bridge_models = -1, 0
+        if (self.model_key is not None and self.bridged >= 0 and self.config.bridge
+                and not model_key - self.bridge_start < self.config.bridge * step):
+            self.reference = self.reference[:len(self.reference) - self.bridged]
+            self.threshold, self.baseline = 1.0, 0.0
+            self._refit()
+            self.bridged, self.bridge_start = -1, math.nan
         self.model_key = model_key
 
     def apply(self, timestamps: np.ndarray, scores: np.ndarray, step: float,
@@ -135,7 +141,7 @@ class Calibrator:
         Points at or before the newest one fed are returned calibrated but not fed again,
         so rescoring a point (after a restart) does not count it twice.
         """
-        self.new_model(model_key)
+        self.new_model(model_key, step)
         t = np.asarray(timestamps, dtype=np.float64)
         s = np.asarray(scores, dtype=np.float64)
         out = np.full(len(s), np.nan)
@@ -169,7 +175,8 @@ class Calibrator:
             # The change has lasted: it is the new normal. Its scores join the reference
             # (the threshold rises to it at the next refit) until the owner's early retrain
             # scores the series (new_model).
-            self.bridged = max(self.bridged, 0)
+            if self.bridged < 0:
+                self.bridged, self.bridge_start = 0, self.run_start
             self._accept(self._pending)
             self._pending = []
             self.run, self.run_start = 0, math.nan
@@ -184,7 +191,7 @@ class Calibrator:
                 "run_start": self.run_start, "adaptations": self.adaptations,
                 "last_t": self.last_t, "tick": self._tick, "pending": list(self._pending),
                 "model_key": self.model_key, "bridged": self.bridged,
-                "bridge_models": self.bridge_models}
+                "bridge_start": self.bridge_start}
 
     @classmethod
     def restore(cls, config: CalibrationConfig, reference: np.ndarray, state: dict) -> Calibrator:
@@ -196,5 +203,6 @@ class Calibrator:
         key = state.get("model_key")  # absent in files written before the bridge
         c.model_key = None if key is None else float(key)
         c.bridged = int(state.get("bridged", -1))
-        c.bridge_models = int(state.get("bridge_models", 0))
+        # Files of the second-model bridge: its change began before its first model.
+        c.bridge_start = float(state.get("bridge_start", -math.inf))
         return c

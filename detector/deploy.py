@@ -41,11 +41,12 @@ class Deployment:
     history: float = 7 * 86400.0
     adapt_after: float | None = 3 * 3600.0  # None: a persistent change is never adopted
     calibration_span: float = 14 * 86400.0
+    adapt_bridge: float | None = 2 * 86400.0  # None: admitted scores stay for the span
     calibrate: bool = True  # False: the model's own threshold only
 
     def calibration(self, step: float) -> CalibrationConfig:
         return CalibrationConfig.for_step(step, span=self.calibration_span,
-                                          adapt_after=self.adapt_after)
+                                          adapt_after=self.adapt_after, bridge=self.adapt_bridge)
 
 
 DEPLOYED = Deployment()  # the service's defaults

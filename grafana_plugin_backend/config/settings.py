@@ -100,6 +100,9 @@ class Config:
     # the calibration reference) and the series retrains early. 0 turns the policy off.
     adapt_after: float = 3 * 3600.0
     calibration_span: float = 14 * 86400.0  # recent normal scores the threshold is refitted on
+    # An adopted change's scores hold the threshold up until a model trained this long after
+    # the change began scores the series; 0: for the whole calibration_span.
+    adapt_bridge: float = 2 * 86400.0
     # Series per training batch; 0: as many as training_memory holds at fit_many's measured
     # bytes per series (detector.memory: ~3.9 MB each with the default model and 7d at 60s).
     training_batch_series: int = 0
@@ -158,12 +161,13 @@ class Config:
 
         return Deployment(retrain_every=self.retrain_every, history=self.history,
                           adapt_after=self.adapt_after or None,
-                          calibration_span=self.calibration_span)
+                          calibration_span=self.calibration_span,
+                          adapt_bridge=self.adapt_bridge or None)
 
 
 # Keys that take a duration; every other scalar is converted by its default's type.
 _DURATIONS = {"step", "history", "poll_every", "retrain_every", "adapt_after", "calibration_span",
-              "series_ttl", "model_retention",
+              "adapt_bridge", "series_ttl", "model_retention",
               "max_catchup", "keep_scores", "poll_delay", "prometheus.timeout", "query_timeout",
               "alertmanager.feedback_interval", "alertmanager.timeout"}
 _SECRETS = {"prometheus.basic_auth.password"}
@@ -401,6 +405,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for key in ("poll_every", "retrain_every", "series_ttl", "calibration_span"):
         if getattr(cfg, key) <= 0:
             errors.append(f"{key}: must be positive")
+    for key in ("adapt_after", "adapt_bridge"):
+        if getattr(cfg, key) < 0:
+            errors.append(f"{key}: must not be negative")
     if cfg.torch_threads < 0:
         errors.append("torch_threads: must be 0 (torch's default) or a positive count")
     if cfg.max_series < 1:

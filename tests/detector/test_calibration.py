@@ -85,31 +85,41 @@ def test_for_step_converts_durations():
 
 
 def test_an_adopted_change_does_not_leave_the_series_deaf_after_its_retrains():
-    # Admitted scores are a bridge to the retrains: once the second model after the change
-    # scores the series, they leave the reference and the threshold is what it was.
+    # Admitted scores are a bridge to the retrains: once a model trained `bridge` after the
+    # change began scores the series, they leave the reference and the threshold is what it
+    # was. Models keyed by trained_to, in seconds.
     r = np.random.default_rng(5)
     s = 0.3 * r.standard_normal(3000)
     s[1000:1300] += 6.0  # the old model meets the new level: flagged, then adopted
     t = T0 + STEP * np.arange(len(s))
-    cal = Calibrator(CalibrationConfig(adapt_after=36))
-    cal.apply(t[:1000], s[:1000], STEP, model_key=1.0)
+    cfg = CalibrationConfig(adapt_after=36, bridge=288)  # a day at 5 min
+    cal = Calibrator(cfg)
+    cal.apply(t[:1000], s[:1000], STEP, model_key=t[0])
     before = cal.threshold
-    out_old = cal.apply(t[1000:1300], s[1000:1300], STEP, model_key=1.0)
+    out_old = cal.apply(t[1000:1300], s[1000:1300], STEP, model_key=t[0])
     assert cal.adaptations == 1 and np.all(out_old[:30] >= 1)
+    assert cal.bridge_start == t[1000]
     bridged = cal.threshold
     assert bridged > 3 * before  # while the old model scores the new level: no flood
-    cal.apply(t[1300:1600], s[1300:1600], STEP, model_key=2.0)  # the early retrain
-    assert cal.threshold == bridged or cal.threshold > 3 * before  # still bridging
-    cal.apply(t[1600:1700], s[1600:1700], STEP, model_key=3.0)  # the next retrain
+    # The early retrain, then a regular one 20 h into the new level: both saw little of it.
+    cal.apply(t[1300:1400], s[1300:1400], STEP, model_key=t[1036])
+    cal.apply(t[1400:1600], s[1400:1600], STEP, model_key=t[1240])
+    assert cal.threshold > 3 * before  # still bridging
+    cal.apply(t[1600:1700], s[1600:1700], STEP, model_key=t[1288])  # a day after the change
     assert cal.threshold < 1.2 * before  # hears the next anomaly again
     late = cal.apply(t[1700:], s[1700:] + np.where(np.arange(1300) == 600, 3.0, 0.0), STEP,
-                     model_key=3.0)
+                     model_key=t[1288])
     assert late[600] >= 1  # a 10-sigma spike a week later is flagged
     # A restart keeps the bridge state.
-    a = Calibrator(CalibrationConfig(adapt_after=36))
-    a.apply(t[:1300], s[:1300], STEP, model_key=1.0)
+    a = Calibrator(cfg)
+    a.apply(t[:1300], s[:1300], STEP, model_key=t[0])
     b = Calibrator.restore(a.config, a.reference.copy(), a.state())
-    assert (b.model_key, b.bridged, b.bridge_models) == (a.model_key, a.bridged, a.bridge_models)
+    assert (b.model_key, b.bridged, b.bridge_start) == (a.model_key, a.bridged, a.bridge_start)
+    # bridge 0: the admitted scores stay (for the span), whatever models come.
+    keep = Calibrator(CalibrationConfig(adapt_after=36, bridge=0))
+    keep.apply(t[:1300], s[:1300], STEP, model_key=t[0])
+    keep.apply(t[1300:1700], s[1300:1700], STEP, model_key=t[1600])
+    assert keep.threshold > 3 * before
 
 
 def test_the_reference_is_float32_and_bounded():
