@@ -20,8 +20,6 @@ on its full lead-in and returns every row, as `score_many` does.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -389,17 +387,3 @@ def _debounce_rows(score: np.ndarray, n: int) -> np.ndarray:
     out = run_ok.astype(np.float64)
     out[~fin] = np.nan
     return out
-
-
-def release_freed_memory() -> bool:
-    """Return freed heap memory to the OS (glibc's malloc_trim); False where unavailable.
-
-    A model's float32 weights come in pieces under glibc's mmap threshold, so they live in
-    the heap; once the bank holds them (as float16) the originals are freed, but the pages
-    stay mapped: at 10,000 models that is 2.3 GB of RSS that no longer holds anything.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False

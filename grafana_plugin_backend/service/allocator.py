@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ TRIM_THRESHOLD = 1 << 30  # free memory at the heap top kept before trimming
 TOP_PAD = 256 << 20  # extra heap grown per sbrk, so a step's growth is not many small ones
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
@@ -51,6 +53,7 @@ def tune_for_training() -> bool:
 
 
 def release() -> bool:
-    """Give free heap memory back to the system (after a training batch): True if some was."""
+    """Give free heap memory back to the system (after a training batch, after models move
+    into the bank): True if some was."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0))

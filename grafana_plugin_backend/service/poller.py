@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 
 from detector import Series, lead_in_points, regularize, score_many
-from detector.bank import Job, ModelBank, release_freed_memory
+from detector.bank import Job, ModelBank
 from detector.calibration import Calibrator
 from detector.threshold import debounce_flags
 
 from ..config.base import format_duration
 from ..config.settings import Config, QueryConfig
 from ..source.prometheus import Source, SourceError
+from . import allocator
 from .registry import (
     READY,
     Registry,
@@ -345,7 +346,9 @@ class Poller:
         for key in set(self.bank.keys()) - keep:
             self.bank.remove(key)
         if installed >= RELEASE_AFTER:
-            release_freed_memory()  # the models' float32 originals, freed by the bank
+            # The models' float32 originals, freed once the bank holds them as float16, stay
+            # mapped in the heap: at 10,000 models 2.3 GB of RSS holding nothing.
+            allocator.release()
 
     def _score_jobs(self, jobs: list[tuple], use_bank: bool) -> list[Any]:
         """Results per job (None where scoring failed): the bank's incremental pass, or
