@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import CalibrationConfig, Calibrator
+from .calibration import CalibrationConfig, Calibrator, refit_offset
 from .config import VAEConfig, lead_in_points
 from .scoring import ScoreResult, score_many
 from .series import Series
@@ -138,7 +138,8 @@ def deployed_many(
                 out[i] = first
                 continue
             res_i, asks = _assemble(grids[i], starts[i], models[i], raw_scores[i], steps[i],
-                                    deployment, config, early[i])
+                                    deployment, config, early[i],
+                                    phases[i] if phases is not None else None)
             out[i] = res_i
             for j in asks:
                 # Regular retrains stay where they were: the service counts retrain_every
@@ -200,7 +201,7 @@ def _in_force(models: dict[int, object], starts: list[int], a_pos: int):
     return models[starts[0]]
 
 
-def _assemble(grid, starts, models, raw_scores, step, deployment, config, early):
+def _assemble(grid, starts, models, raw_scores, step, deployment, config, early, phase=None):
     n = len(grid)
     fields = {k: np.full(n, np.nan) for k in ("raw", "score", "expected", "lower", "upper")}
     for a_pos, j in enumerate(starts):
@@ -214,7 +215,9 @@ def _assemble(grid, starts, models, raw_scores, step, deployment, config, early)
     asks: list[int] = []
     adaptations = 0
     if deployment.calibrate and cut < n:
-        cal = Calibrator(deployment.calibration(step))
+        cfg_cal = deployment.calibration(step)
+        # The service's refit slots for this series (its phase), else those of phase 0.
+        cal = Calibrator(cfg_cal, phase=refit_offset(phase or 0.0, cfg_cal.refit, step))
         t = grid.timestamps
         for a_pos, j in enumerate(starts):  # segment by segment: the calibrator sees retrains
             a = cut if a_pos == 0 else j

@@ -16,7 +16,8 @@ import numpy as np
 
 from detector import Series, lead_in_points, regularize, score_many
 from detector.bank import Job, ModelBank
-from detector.calibration import Calibrator
+from detector.calibration import Calibrator, refit_offset
+from detector.deploy import retrain_phase
 from detector.threshold import debounce_flags
 
 from ..config.base import format_duration
@@ -80,6 +81,10 @@ class Poller:
         self.empty_since: dict[str, float] = {}  # query -> when it began returning nothing
         self.bank = ModelBank()  # models of the ready series, when score_fn is score_many
         self.lock_held = 0.0  # seconds the registry lock was held in the last poll
+        # Per query, label items -> series id: the id is a SHA-256 over sorted JSON (10 us),
+        # the same for a label set every poll.
+        self._ids: dict[str, dict[tuple, str]] = {}
+        self._refit_phases: dict[str, float] = {}  # series id -> its calibrator's refit phase
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -174,10 +179,17 @@ class Poller:
         result = self.source.query_range(q.expr, start, end, self.step)
         self._note_result(q, len(result))
         known = {s.id: s for s in self.registry.of_query(q.name)}
+        ids = self._ids.setdefault(q.name, {})
+        if len(ids) > 2 * len(result) + 1024:  # label sets gone since: forget them
+            ids.clear()
         pulled: dict[str, Any] = {}
         unknown = []
         for rs in result:
-            s = known.get(series_id(q.name, rs.labels))
+            key = tuple(rs.labels.items())
+            sid = ids.get(key)
+            if sid is None:
+                sid = ids[key] = series_id(q.name, rs.labels)
+            s = known.get(sid)
             if s is None:
                 unknown.append(rs)
             else:
@@ -243,6 +255,8 @@ class Poller:
                                   len(s.recent.get("timestamp", ())) > 0, s.rewritten_from))
                     if s.rewritten_from != math.inf:
                         s.rewritten_from = math.inf
+        if len(self._refit_phases) > 2 * len(ready) + 1024:  # series gone since: forget them
+            self._refit_phases.clear()
         use_bank = self.score_fn is score_many
         if use_bank:
             self._sync_bank(ready)
@@ -380,6 +394,11 @@ class Poller:
         so this runs outside the lock (readers copy what they show or save)."""
         if s.calibrator is None:
             s.calibrator = Calibrator(self.calibration)
+        phase = self._refit_phases.get(s.id)
+        if phase is None:  # the series' retrain phase, as the backtest replays it
+            phase = self._refit_phases[s.id] = refit_offset(
+                retrain_phase(s.id, self.cfg.retrain_every), self.calibration.refit, self.step)
+        s.calibrator.phase = phase  # also on one restored from disk
         # The model's identity: a retrain ends the bridge of an admitted new normal.
         key = getattr(model, "trained_to", None)
         score = s.calibrator.apply(res.timestamps, res.score, self.step,

@@ -210,6 +210,9 @@ class Registry:
         self.lock = threading.RLock()
         self.max_series = max_series
         self._series: dict[str, SeriesState] = {}
+        # Per query, its series in registration order: a poll walks its query's series
+        # (of_query, expire), not the fleet's, once per query.
+        self._by_query: dict[str, dict[str, SeriesState]] = {}
         self._by_exposed: dict[tuple, str] = {}
         self._dropped_keys: set[int] = set()  # 64-bit hashes of (query, series id)
         self._dropped_overflow = False
@@ -247,7 +250,7 @@ class Registry:
 
     def of_query(self, query: str) -> list[SeriesState]:
         with self.lock:
-            return [s for s in self._series.values() if s.query == query]
+            return list(self._by_query.get(query, {}).values())
 
     def _drop(self, reason: str, key: tuple[str, str]) -> None:
         """Count a dropped series once, however often it is seen again."""
@@ -288,6 +291,7 @@ class Registry:
             s = SeriesState(id=sid, query=query, labels=labels, exposed=exposed,
                             stored=gone is not None, on_result=self.results_changed)
             self._series[sid] = s
+            self._by_query.setdefault(query, {})[sid] = s
             self.membership += 1
             self._by_exposed[ekey] = sid
             return s
@@ -308,8 +312,8 @@ class Registry:
         """Remove series of `query` absent for longer than `ttl` (data time); returns them."""
         gone = []
         with self.lock:
-            for s in list(self._series.values()):
-                if s.query != query or not math.isfinite(s.last_present):
+            for s in list(self._by_query.get(query, {}).values()):
+                if not math.isfinite(s.last_present):
                     continue
                 if now_data - s.last_present > ttl:
                     self.remove(s.id, wall)
@@ -321,6 +325,11 @@ class Registry:
             s = self._series.pop(sid, None)
             if s is None:
                 return
+            members = self._by_query.get(s.query)
+            if members is not None:
+                members.pop(sid, None)
+                if not members:
+                    del self._by_query[s.query]
             self.membership += 1
             self._by_exposed.pop((s.query, tuple(sorted(s.exposed.items()))), None)
             self.results_changed()

@@ -115,6 +115,21 @@ def test_expire_uses_data_time_and_remembers_stored_models():
     assert math.isnan(back.last_present)
 
 
+def test_of_query_and_expire_see_their_query_only():
+    reg = Registry(max_series=10)
+    a, b = reg.upsert("q", {"i": "a"}), reg.upsert("q", {"i": "b"})
+    c = reg.upsert("r", {"i": "a"})
+    for s in (a, b, c):
+        s.last_present = 0.0
+    assert reg.of_query("q") == [a, b] and reg.of_query("r") == [c] and reg.of_query("x") == []
+    assert reg.expire("r", now_data=1000.0, ttl=300.0, wall=5.0) == [c]  # q's are as old
+    assert reg.of_query("r") == [] and reg.of_query("q") == [a, b]
+    reg.remove(a.id, wall=6.0)
+    assert reg.of_query("q") == [b]
+    again = reg.upsert("r", {"i": "a"})
+    assert reg.of_query("r") == [again] and len(reg) == 2
+
+
 def test_counts_by_state_lists_every_state():
     reg = Registry(max_series=10)
     reg.upsert("q", {"i": "a"}).state = READY
