@@ -85,7 +85,7 @@ def test_demo_backtest_finds_the_network_drop(tmp_path, capsys, monkeypatch):
     incident of its query over the last three days; the PNG shows the top two series."""
     import time
 
-    import grafana_plugin_backend.backtest as backtest
+    from grafana_plugin_backend import backtest
 
     monkeypatch.setattr(time, "time", lambda: DEMO_NOW)
     monkeypatch.setattr(backtest, "make_source", lambda cfg: DemoSource(clock=lambda: DEMO_NOW))

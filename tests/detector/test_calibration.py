@@ -151,7 +151,7 @@ def test_refits_come_at_the_series_phase_on_the_grid(monkeypatch):
     refits: list[float] = []
     for phase in (0.0, 900.0):
         cal = Calibrator(cfg, phase=phase)
-        monkeypatch.setattr(cal, "_refit", lambda: refits.append(float(cal.last_t)))
+        monkeypatch.setattr(cal, "_refit", lambda c=cal: refits.append(float(c.last_t)))
         refits.clear()
         cal.apply(t, s, STEP)
         assert refits and all((x - phase) % 3600 == 0 for x in refits)
