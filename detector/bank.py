@@ -34,7 +34,7 @@ from .scoring import Packed, ScoreResult, finish, pack, score_windows, valid_end
 from .series import Series
 
 BLOCK = 1024  # slots per block of stacked weights (never reallocated: models view them)
-PASS = 256  # slots scored per pass: their float32 weights fit a 60 MB scratch (default model)
+PASS = 32  # slots scored per pass: their float32 weights fit a 7.5 MB scratch (default model)
 STORAGE = torch.float16
 _FP16_MAX = 65504.0
 

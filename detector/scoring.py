@@ -12,7 +12,7 @@ the combined raw score that the threshold is fitted on.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,12 +133,14 @@ def _mean_nll(x: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Ten
 
 
 @torch.inference_mode()
-def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tensor, seeds: Sequence[int]):
+def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tensor, seeds: Sequence[int],
+                  pause: Callable[[], None] | None = None):
     """Raw scores per scale and newest-point reconstruction for windows ending at `ends` (K, E).
 
     Returns numpy arrays: raw (K, E, S) mean NLL of the newest n points for each n in
     config.score_scales (higher = more anomalous), mu and std (K, E) of the newest point in
-    normalised units. Chunked so memory stays bounded for long ranges.
+    normalised units. Chunked so memory stays bounded for long ranges; pause() is called
+    before each chunk (the service's trainer waits there while a poll runs).
     """
     k, e = ends.shape
     w, big_l = config.window, config.mc_samples
@@ -148,6 +150,8 @@ def score_windows(p: Params, config: VAEConfig, packed: Packed, ends: torch.Tens
     std_last = np.empty((k, e), dtype=np.float64)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, k * big_l * w))
     for a in range(0, e, chunk):
+        if pause is not None:
+            pause()
         b = min(e, a + chunk)
         x, m, t_end = gather_windows(packed, ends[:, a:b], w)  # (K, c, W)
         c = b - a

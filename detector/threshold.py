@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MIN_PEAKS = 10  # fewer peaks than this cannot support a tail fit: fall back to a quantile
@@ -63,7 +65,10 @@ def normalise_scores(raw: np.ndarray, baseline: float, threshold: float) -> np.n
     span = threshold - baseline
     if not span > 0:
         span = max(abs(threshold), 1e-9)
-    return (np.asarray(raw, dtype=np.float64) - baseline) / span
+    with np.errstate(over="ignore"):  # a span of a few ulps: scores beyond float64 saturate
+        out = (np.asarray(raw, dtype=np.float64) - baseline) / span
+    big = np.finfo(np.float64).max
+    return np.clip(out, -big, big)
 
 
 def scale_stats(raw: np.ndarray) -> list[tuple[float, float]]:
@@ -123,6 +128,16 @@ def debounce_flags(score: np.ndarray, n: int) -> np.ndarray:
     (N,) -> (N,). A NaN breaks a run: a gap never raises a flag.
     """
     s = np.asarray(score, dtype=np.float64)
+    if len(s) <= 8:  # the service's poll: a point or two per series, in Python floats
+        run, need, out = 0, max(n, 1), []
+        for x in s.tolist():
+            if math.isfinite(x):
+                run = run + 1 if x >= 1.0 else 0
+                out.append(float(run >= need))
+            else:  # NaN or inf: no flag, and the run breaks
+                run = 0
+                out.append(math.nan)
+        return np.array(out, dtype=np.float64)
     above = np.where(np.isfinite(s), s >= 1.0, False).astype(np.int64)
     if n <= 1:
         run_ok = above.astype(bool)

@@ -145,6 +145,7 @@ def fit_many(
     progress: Callable[[int, int], None] | None = None,
     seeds: Sequence[int] | None = None,
     feedback: Sequence[Sequence[Feedback]] | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> list[SeriesModel | Exception]:
     """Train one model per series, all in one batched program.
 
@@ -157,6 +158,8 @@ def fit_many(
     ranges are left out of training, normalisation and threshold fit; NORMAL ranges (false
     alarms) are trained on as usual and lift the threshold until they score at most
     NORMAL_TARGET. Each model keeps its records in `SeriesModel.feedback`.
+    pause: called before every training step and threshold-fit chunk; it may block (the
+    service waits there while a poll runs: fresh scores first, training after).
     """
     t_start = time.time()
     if feedback is not None and len(feedback) != len(series):
@@ -184,11 +187,11 @@ def fit_many(
     _, _, va, _, holdout = split
     k = len(prepared)
 
-    best_p, best_loss = _train(packed, split[:4], keep, config, seed_list, progress)
+    best_p, best_loss = _train(packed, split[:4], keep, config, seed_list, progress, pause)
 
     # Thresholds from each model's scores on its own training windows (_threshold_ends).
     ends, n_ends, blocks = _threshold_ends(packed.lengths, config)
-    raw, _, _ = score_windows(best_p, config, packed, ends, seed_list)
+    raw, _, _ = score_windows(best_p, config, packed, ends, seed_list, pause)
     now = time.time()
     for j, prep in enumerate(prepared):
         if not keep[j]:
@@ -435,6 +438,7 @@ def _train(
     config: VAEConfig,
     seed_list: list[int],
     progress: Callable[[int, int], None] | None,
+    pause: Callable[[], None] | None = None,
 ) -> tuple[Params, torch.Tensor]:
     """The batched training loop: -> best weights (K, …) and best validation loss (K,)."""
     k = packed.z.shape[0]
@@ -454,6 +458,8 @@ def _train(
     b = config.batch_size
     last_done = -1
     for it in range(int(budget.max())):
+        if pause is not None:
+            pause()
         active = (~stopped) & (it < budget)
         if not active.any():
             break

@@ -41,6 +41,7 @@ RELEASE_AFTER = 64  # models installed in one poll before freed heap memory is r
 
 
 EMPTY_WARN_EVERY = 3600.0  # a query that stays empty is named again this often
+MAX_TRAINING_PAUSE = 30.0  # the longest the trainer waits for a poll (a poll hung on Prometheus)
 
 
 def grid_floor(t: float, step: float) -> float:
@@ -85,6 +86,11 @@ class Poller:
         # the same for a label set every poll.
         self._ids: dict[str, dict[tuple, str]] = {}
         self._refit_phases: dict[str, float] = {}  # series id -> its calibrator's refit phase
+        # Clear while a poll runs: the trainer waits between its steps meanwhile (wait_idle),
+        # so a fleet's poll does not share two cores and the GIL with a training batch.
+        self.idle = threading.Event()
+        self.idle.set()
+        self._polls_started, self._outwaited = 0, -1
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -121,8 +127,25 @@ class Poller:
             if stop.is_set():
                 break
 
+    def wait_idle(self, timeout: float = MAX_TRAINING_PAUSE) -> None:
+        """Return once no poll runs: the trainer's pause between steps. A poll that outlasts
+        `timeout` (Prometheus slow to answer) is waited for once, not at every step."""
+        if self.idle.is_set():
+            return
+        poll = self._polls_started
+        if poll != self._outwaited and not self.idle.wait(timeout):
+            self._outwaited = poll
+
     def poll_once(self) -> bool:
         """Poll every query and score; True if every query succeeded. Never raises."""
+        self._polls_started += 1
+        self.idle.clear()
+        try:
+            return self._poll_once()
+        finally:
+            self.idle.set()
+
+    def _poll_once(self) -> bool:
         started = time.monotonic()
         self._held = 0.0
         end = grid_floor(self.clock() - self.cfg.poll_delay, self.step)
@@ -207,24 +230,25 @@ class Poller:
         members = [(s, s.buf_ts, s.buf_vals, s.scored_to) for s in known.values()]
         merged = [self._merge(s, t, v, scored_to, pulled.get(s.id), end)
                   for s, t, v, scored_to in members]
-        with self._locked():
-            for (s, t, v, _), m in zip(members, merged):
-                rs = pulled.get(s.id)
+        # The newest pulled timestamp per series, as a float before the lock is taken.
+        lasts = [float(rs.timestamps[-1]) if rs is not None and len(rs.timestamps) else math.nan
+                 for rs in (pulled.get(m[0].id) for m in members)]
+        with self._locked():  # 10,000 series at a fleet: plain attribute work only
+            for (s, t, v, _), m, last in zip(members, merged, lasts):
                 if s.buf_ts is t and s.buf_vals is v:  # unchanged since the snapshot
                     s.buf_ts, s.buf_vals = m[0], m[1]
                     if m[2]:
                         s.observed_estimate += m[2]
                     s.rewritten_from = min(s.rewritten_from, m[3])
                 else:  # the trainer filled it meanwhile: merge again, here
+                    rs = pulled.get(s.id)
                     if rs is not None and len(rs.timestamps):
                         s.add_points(rs.timestamps, rs.values)
                     if not len(s.buf_ts) or s.buf_ts[-1] < end:
                         s.add_points(np.array([end]), np.array([np.nan]))
                     s.trim(self.step, self.lead_in, self.max_buffer)
-                if rs is not None and len(rs.timestamps):
-                    last = float(rs.timestamps[-1])
-                    if not s.last_present >= last:  # NaN or older (nanmax without numpy)
-                        s.last_present = last
+                if math.isfinite(last) and not s.last_present >= last:  # NaN or older (nanmax)
+                    s.last_present = last
             self.registry.positions[q.name] = end
             gone = self.registry.expire(q.name, end, self.cfg.series_ttl, self.clock())
         for s in gone:
@@ -252,7 +276,7 @@ class Poller:
             for s in self.registry.all():
                 if s.state == READY and s.model is not None:
                     ready.append((s, s.model, s.buf_ts, s.buf_vals, s.scored_to,
-                                  len(s.recent.get("timestamp", ())) > 0, s.rewritten_from))
+                                  s.recent, s.rewritten_from))
                     if s.rewritten_from != math.inf:
                         s.rewritten_from = math.inf
         if len(self._refit_phases) > 2 * len(ready) + 1024:  # series gone since: forget them
@@ -261,9 +285,10 @@ class Poller:
         if use_bank:
             self._sync_bank(ready)
         jobs: list[tuple[SeriesState, Any, float, Series, float]] = []
-        for s, model, buf_ts, buf_vals, scored_to, exposed, rewritten in ready:
+        for s, model, buf_ts, buf_vals, scored_to, recent, rewritten in ready:
             if not len(buf_ts):
                 continue
+            exposed = len(recent.get("timestamp", ())) > 0
             if math.isfinite(scored_to):
                 # A model loaded at restart, nothing exposed yet: score the newest scored
                 # point again, so /metrics has scores now rather than one step later.
@@ -280,6 +305,8 @@ class Poller:
             return 0
         results = self._score_jobs(jobs, use_bank)
         scored, adapted = 0, 0
+        # (series, recent to publish or None, its newest timestamp, or where to skip to; NaN
+        # with None: the early retrain asked for)
         publish: list[tuple[SeriesState, dict[str, np.ndarray] | None, float]] = []
         for (s, model, first, ser, _), res in zip(jobs, results):
             if res is None:
@@ -300,18 +327,21 @@ class Poller:
                     "expected": res.expected[sel], "lower": res.lower[sel],
                     "upper": res.upper[sel]}
             if len(rows["timestamp"]):
-                publish.append((s, merged_recent(s.recent, rows, self.keep_scores), math.nan))
+                recent = merged_recent(s.recent, rows, self.keep_scores)
+                publish.append((s, recent, float(recent["timestamp"][-1])))
             scored += int(sel.sum())
         # Publishing only: the buffers are trimmed to the new scored_to by the next poll's
         # merge (they hold one poll's points more meanwhile).
         with self._locked():
-            for s, recent, skip_to in publish:
+            for s, recent, t in publish:
                 if recent is not None:
-                    s.publish(recent)
-                elif math.isfinite(skip_to):
-                    s.scored_to = skip_to
+                    s.publish(recent, t, notify=False)
+                elif math.isfinite(t):  # skip to t
+                    s.scored_to = t
                 else:
                     s.adapt_requested = True
+            if publish:
+                self.registry.results_changed()  # once, not once per series
         self.metrics.points_scored.inc(scored)
         if adapted:
             self.metrics.adaptations.inc(adapted)

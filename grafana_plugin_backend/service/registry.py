@@ -118,11 +118,18 @@ def merged_recent(recent: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarra
         if old_t is None or not len(old_t):
             if len(new_t) < 2 or bool(np.all(new_t[1:] > new_t[:-1])):
                 return {k: np.asarray(rows[k], dtype=np.float64)[-keep_points:].copy() for k in keys}
-        else:
-            n_old = max(0, keep_points - len(new_t))
-            return {k: np.concatenate([recent[k][len(recent[k]) - n_old:] if n_old else recent[k][:0],
-                                       np.asarray(rows[k], dtype=np.float64)])[-keep_points:]
-                    for k in keys}
+        else:  # every poll, for every series: as few numpy calls as it takes
+            n_new = len(new_t)
+            n_old = max(0, keep_points - n_new)
+            out = {}
+            for k in keys:
+                old, add = recent[k], rows[k]
+                if not (isinstance(add, np.ndarray) and add.dtype == np.float64):
+                    add = np.asarray(add, dtype=np.float64)
+                if n_new > keep_points:
+                    add = add[n_new - keep_points:]
+                out[k] = np.concatenate((old[max(0, len(old) - n_old):], add)) if n_old else add.copy()
+            return out
     out = {k: np.concatenate([recent.get(k, np.empty(0)), np.asarray(rows[k], dtype=np.float64)])
            for k in keys}
     order = np.argsort(out["timestamp"], kind="stable")
@@ -187,13 +194,19 @@ class SeriesState:
             return
         self.publish(merged_recent(self.recent, rows, keep_points))
 
-    def publish(self, recent: dict[str, np.ndarray]) -> None:
-        """Make `recent` (from merged_recent on the current one) the recent buffer."""
+    def publish(self, recent: dict[str, np.ndarray], newest: float | None = None,
+                notify: bool = True) -> None:
+        """Make `recent` (from merged_recent on the current one) the recent buffer.
+
+        newest: its newest timestamp, if the caller has it as a float already (the poller
+        publishes 10,000 series under the lock); notify False: the caller bumps the
+        registry's generation once for all it publishes."""
         self.recent = recent
-        newest = float(recent["timestamp"][-1])
+        if newest is None:
+            newest = float(recent["timestamp"][-1])
         if not self.scored_to >= newest:  # NaN (never scored) or older; no numpy: under the lock
             self.scored_to = newest
-        if self.on_result is not None:
+        if notify and self.on_result is not None:
             self.on_result()
 
     def last_result(self) -> dict[str, float] | None:

@@ -61,12 +61,14 @@ class Trainer:
                  registry: Registry, store: ModelStore, metrics: SelfMetrics, vae_config: Any, *,
                  clock: Callable[[], float] = time.time, fit_fn: Callable = fit_many,
                  persist: Callable[[], None] | None = None,
-                 on_trained: Callable[[], None] | None = None) -> None:
+                 on_trained: Callable[[], None] | None = None,
+                 pause: Callable[[], None] | None = None) -> None:
         self.cfg, self.source, self.registry = cfg, source, registry
         self.queries = {q.name: q for q in queries}
         self.store, self.metrics, self.vae_config = store, metrics, vae_config
         self.clock, self.fit_fn = clock, fit_fn
         self.persist, self.on_trained = persist, on_trained
+        self.pause = pause  # passed to fit_fn: it may block between steps (Poller.wait_idle)
         self.step = cfg.step
         self.lead_in = lead_in_points(vae_config)
         self.min_points = min_train_points(vae_config)
@@ -222,7 +224,9 @@ class Trainer:
             # keyword keeps working.
             with self.registry.lock:
                 judged = [list(s.feedback) for s, _ in fit]
-            extra = {"feedback": judged} if any(judged) else {}
+            extra: dict[str, Any] = {"feedback": judged} if any(judged) else {}
+            if self.pause is not None:
+                extra["pause"] = self.pause
             results = self.fit_fn([ser for _, ser in fit], self.step, self.vae_config,
                                   progress=self._progress(started, queue_at_start), **extra)
         except Cancelled:

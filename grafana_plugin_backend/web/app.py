@@ -76,7 +76,9 @@ class Service:
         extra: dict[str, Any] = {} if score_fn is None else {"score_fn": score_fn}
         self.poller = Poller(cfg, self.queries, source, self.registry, self.metrics,
                              self.vae_config, clock=clock, persist=self.persist, **extra)
-        extra = {} if fit_fn is None else {"fit_fn": fit_fn}
+        # The real fit_many pauses between its steps while a poll runs (fresh scores first);
+        # a fit_fn given by a test may not take the keyword.
+        extra = {"pause": self.poller.wait_idle} if fit_fn is None else {"fit_fn": fit_fn}
         self.trainer = Trainer(cfg, self.queries, source, self.registry, self.store, self.metrics,
                                self.vae_config, clock=clock, persist=self.persist,
                                on_trained=self.poller.wake, **extra)

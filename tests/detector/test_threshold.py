@@ -53,3 +53,16 @@ def test_smoothing_is_a_causal_mean_over_finite_scores():
     r2 = r.copy()
     r2[-1] = 1e9
     np.testing.assert_array_equal(smooth_scores(r2, 3)[:-1], s[:-1])
+
+
+def test_debounce_of_a_few_points_equals_the_vectorised_path():
+    """The service debounces a point or two per series per poll in Python floats; the
+    result is the array path's (NaN and inf break a run and stay unflagged)."""
+    from detector.threshold import debounce_flags
+
+    r = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(r.integers(0, 5))
+        s = r.choice([0.5, 1.0, 2.0, np.nan, np.inf, -np.inf], int(r.integers(0, 9)))
+        long = debounce_flags(np.concatenate([s, np.zeros(20)]), n)[:len(s)]  # > 8: arrays
+        np.testing.assert_array_equal(debounce_flags(s, n), long)

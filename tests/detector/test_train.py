@@ -69,6 +69,20 @@ def test_progress_reports_reach_the_total(tiny_config):
     assert seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
 
 
+def test_pause_comes_before_every_step_and_threshold_chunk_and_changes_nothing(tiny_config):
+    """The service's trainer waits in pause() while a poll runs; the models are the same."""
+    import torch
+
+    series = [_series(400, s) for s in range(2)]
+    calls = []
+    paused = fit_many(series, 300.0, tiny_config, pause=lambda: calls.append(1))
+    plain = fit_many(series, 300.0, tiny_config)
+    assert len(calls) > tiny_config.max_steps // 2  # the steps run (early stopping may end some)
+    for a, b in zip(paused, plain):
+        assert a.threshold_ == b.threshold_
+        assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
 def test_held_out_gap_lifts_in_sample_scores_never_lowers_them():
     from detector.train import _held_out_shift
 

@@ -519,3 +519,66 @@ def test_points_rewritten_in_the_buffer_are_rescored(tmp_path):
     s.rewritten_from = math.inf
     s.add_points(np.array([-60.0]), np.array([7.0]), overwrite=False)  # older history
     assert s.rewritten_from == -60.0 and s.buf_ts[0] == -60.0
+
+
+def test_training_waits_while_a_poll_runs(tmp_path):
+    """wait_idle (the trainer's pause between steps) returns only once the poll is done;
+    a poll that outlasts the timeout is waited for once, not at every step."""
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, level(3.0))
+    rig.poller.poll_once()
+    rig.make_ready()
+    order = []
+
+    def score_and_watch(models, series):
+        waiter = threading.Thread(target=lambda: (rig.poller.wait_idle(5), order.append("trained")))
+        waiter.start()
+        waiter.join(0.3)  # it waits: the poll is not done
+        order.append("scored")
+        rig.poller.score_fn = fake_score_many
+        rig._waiter = waiter
+        return fake_score_many(models, series)
+
+    rig.poller.score_fn = score_and_watch
+    rig.clock.advance(60)
+    assert rig.poller.poll_once()
+    rig._waiter.join(5)
+    assert order == ["scored", "trained"]
+    rig.poller.wait_idle(5)  # idle: returns at once
+
+    stuck = threading.Event()
+
+    def hung(models, series):
+        waits = []
+        for _ in range(3):  # three training steps during one long poll
+            t = threading.Thread(target=lambda: rig.poller.wait_idle(0.2))
+            t.start()
+            t.join(5)
+            waits.append(t.is_alive())
+        stuck.set()
+        return fake_score_many(models, series)
+
+    rig.poller.score_fn = hung
+    rig.clock.advance(60)
+    assert rig.poller.poll_once() and stuck.is_set()
+    assert rig.poller._outwaited == rig.poller._polls_started  # outwaited once, then not again
+
+
+def test_the_trainer_passes_its_pause_to_the_fit(tmp_path):
+    from grafana_plugin_backend.service.store import ModelStore
+    from grafana_plugin_backend.service.trainer import Trainer
+
+    seen = []
+
+    def fit(series, step, config, progress=None, pause=None):
+        seen.append(pause)
+        return [RuntimeError("no model")] * len(series)
+
+    rig = Rig(tmp_path)
+    rig.source.set("metric_a", {"instance": "a"}, level(3.0))
+    rig.poller.poll_once()
+    store = ModelStore(rig.cfg.storage_path)
+    trainer = Trainer(rig.cfg, rig.cfg.queries, rig.source, rig.registry, store, rig.metrics,
+                      rig.vae, clock=rig.clock, fit_fn=fit, pause=rig.poller.wait_idle)
+    trainer.run_once()
+    assert seen == [rig.poller.wait_idle]

@@ -100,6 +100,16 @@ def test_record_keeps_the_newest_points_and_moves_scored_to():
     assert s.last_result()["score"] == 7
 
 
+def test_a_growing_recent_buffer_keeps_every_point_until_full():
+    s = SeriesState("id", "q", {}, {})
+    keys = ("timestamp", "observed", "score", "flag", "expected", "lower", "upper")
+    s.record({k: np.arange(5, dtype=float) for k in keys}, keep_points=10)
+    for t in range(5, 13):  # a point a poll, as the service appends
+        s.record({k: np.array([float(t)]) for k in keys}, keep_points=10)
+        assert list(s.recent["timestamp"]) == list(range(max(0, t - 9), t + 1))
+        assert all(np.array_equal(s.recent[k], s.recent["timestamp"]) for k in keys)
+
+
 def test_expire_uses_data_time_and_remembers_stored_models():
     reg = Registry(max_series=10)
     a = reg.upsert("q", {"i": "a"})
