@@ -153,6 +153,12 @@ class SourceServer(ThreadingHTTPServer):
         self.metrics = tuple(metrics) if metrics else (Metric(EXPR, n_series),)
         self.counts = {"/api/v1/query_range": 0, "/api/v1/query": 0}
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up (promvae stopped, a timed-out pull) is no error to print."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class SourceHandler(BaseHTTPRequestHandler):
     """Answers query_range (every series of the metric the query names, or of the only one,

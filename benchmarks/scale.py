@@ -420,8 +420,13 @@ def prometheus_scrape(url: str, workdir: Path, say: Callable[[str], None]) -> di
         else:
             out["prom_error"] = "no scrape within 60 s"
         if out["prom_error"] is None:
-            found = prom.query('scrape_samples_scraped{job="promvae"}')
-            out["prom_samples"] = int(float(found[0]["value"][1])) if found else None
+            # The scrape's own series may not be queryable the instant the target turns up.
+            for _ in range(20):
+                found = prom.query('scrape_samples_scraped{job="promvae"}')
+                if found:
+                    out["prom_samples"] = int(float(found[0]["value"][1]))
+                    break
+                time.sleep(0.5)
     except (StackError, requests.RequestException, OSError) as e:
         out["prom_error"] = f"{type(e).__name__}: {e}"[:300]
     finally:
@@ -674,6 +679,12 @@ def run_size(n_series: int, opt: Options, say: Callable[[str], None]) -> dict[st
         if keep:
             say(f"  kept {workdir} (promvae.log) for a look")
         else:
+            log_copy = Path(tempfile.gettempdir()) / f"promvae-scale-{n_series}.log"
+            try:  # the service's log outlives the run: what it did is worth a look afterwards
+                shutil.copyfile(workdir / "promvae.log", log_copy)
+                say(f"  promvae's log kept as {log_copy}")
+            except OSError:
+                pass
             shutil.rmtree(workdir, ignore_errors=True)
 
 

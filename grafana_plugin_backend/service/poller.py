@@ -28,8 +28,8 @@ from .registry import (
     READY,
     Registry,
     SeriesState,
+    appended_recent,
     merge_points,
-    merged_recent,
     series_id,
     trim_index,
 )
@@ -312,7 +312,7 @@ class Poller:
             if res is None:
                 publish.append((s, None, float(ser.timestamps[-1])))  # skip what it choked on
                 continue
-            sel = res.timestamps >= first
+            i0 = int(np.searchsorted(res.timestamps, first, side="left"))  # rows from `first` on
             score, flag = self._calibrate(s, res, model)
             if s.calibrator.adapt_due:
                 s.calibrator.adapt_due = False
@@ -322,14 +322,14 @@ class Poller:
                              "retraining early", s.query, s.exposed,
                              format_duration(self.calibration.adapt_after * self.step))
                     publish.append((s, None, math.nan))  # asks for the early retrain below
-            rows = {"timestamp": res.timestamps[sel], "observed": res.observed[sel],
-                    "score": score[sel], "flag": flag[sel],
-                    "expected": res.expected[sel], "lower": res.lower[sel],
-                    "upper": res.upper[sel]}
+            rows = {"timestamp": res.timestamps[i0:], "observed": res.observed[i0:],
+                    "score": score[i0:], "flag": flag[i0:],
+                    "expected": res.expected[i0:], "lower": res.lower[i0:],
+                    "upper": res.upper[i0:]}
             if len(rows["timestamp"]):
-                recent = merged_recent(s.recent, rows, self.keep_scores)
+                recent = appended_recent(s, rows, self.keep_scores)
                 publish.append((s, recent, float(recent["timestamp"][-1])))
-            scored += int(sel.sum())
+            scored += len(res.timestamps) - i0
         # Publishing only: the buffers are trimmed to the new scored_to by the next poll's
         # merge (they hold one poll's points more meanwhile).
         with self._locked():

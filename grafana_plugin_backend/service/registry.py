@@ -138,6 +138,51 @@ def merged_recent(recent: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarra
     return {k: out[k][order][last][-keep_points:] for k in out}
 
 
+RECENT_KEYS = ("timestamp",) + RESULT_FIELDS
+
+
+def _slack(keep_points: int) -> int:
+    return max(8, keep_points // 8)
+
+
+def appended_recent(s: SeriesState, rows: Mapping[str, np.ndarray],
+                    keep_points: int) -> dict[str, np.ndarray]:
+    """merged_recent(s.recent, rows, keep_points), in amortised O(new rows) for the poller's
+    every-poll case (rows newer than the buffer, in order). The arrays are views of one
+    (7, keep_points + slack) block owned by the series: new rows are written after the
+    views' end, where no reader looks, and a full block is copied to a fresh one (the old
+    stays whole for whoever holds it). Anything else goes through merged_recent.
+    Poller only (the block is its own); publish the result under the lock as usual."""
+    new_t = rows["timestamp"]
+    n = len(new_t)
+    old = s.recent
+    buf = s._rbuf
+    if (buf is None or old is not s._rdict or n == 0 or n > keep_points
+            or buf.shape[1] != keep_points + _slack(keep_points)
+            or not new_t[0] > old["timestamp"][-1]
+            or (n > 1 and not bool(np.all(new_t[1:] > new_t[:-1])))):
+        out = merged_recent(old, rows, keep_points)
+        m = len(out["timestamp"])
+        buf = np.empty((len(RECENT_KEYS), keep_points + _slack(keep_points)))
+        for i, k in enumerate(RECENT_KEYS):
+            buf[i, :m] = out[k]
+        lo, hi = 0, m
+    else:
+        lo, hi = s._rlo, s._rhi
+        if hi + n > buf.shape[1]:  # full: the newest rows to the front of a fresh block
+            m = min(hi - lo, keep_points - n)
+            fresh = np.empty_like(buf)
+            fresh[:, :m] = buf[:, hi - m:hi]
+            buf, lo, hi = fresh, 0, m
+        for i, k in enumerate(RECENT_KEYS):
+            buf[i, hi:hi + n] = rows[k]
+        hi += n
+        lo = max(lo, hi - keep_points)
+    d = {k: buf[i, lo:hi] for i, k in enumerate(RECENT_KEYS)}
+    s._rbuf, s._rlo, s._rhi, s._rdict = buf, lo, hi, d
+    return d
+
+
 @dataclass
 class SeriesState:
     """Everything promvae knows about one series. Mutate only under Registry.lock."""
@@ -170,6 +215,12 @@ class SeriesState:
     rewritten_from: float = math.inf
     # Called after record() changed the results; the Registry bumps its generation with it.
     on_result: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # The block behind `recent` when the poller built it (appended_recent): the block, the
+    # span of the views in it, and the dict of views (a recent set by anyone else is not it).
+    _rbuf: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _rlo: int = field(default=0, repr=False, compare=False)
+    _rhi: int = field(default=0, repr=False, compare=False)
+    _rdict: dict | None = field(default=None, repr=False, compare=False)
 
     def add_points(self, ts: np.ndarray, vals: np.ndarray, overwrite: bool = True) -> int:
         """Merge points into the raw buffer; returns how many observed points are newer than it.

@@ -226,7 +226,7 @@ class Trainer:
                 judged = [list(s.feedback) for s, _ in fit]
             extra: dict[str, Any] = {"feedback": judged} if any(judged) else {}
             if self.pause is not None:
-                extra["pause"] = self.pause
+                extra["pause"] = self._pause
             results = self.fit_fn([ser for _, ser in fit], self.step, self.vae_config,
                                   progress=self._progress(started, queue_at_start), **extra)
         except Cancelled:
@@ -361,6 +361,14 @@ class Trainer:
     def _set_queue(self, n: int) -> None:
         self.queued = max(0, n)
         self.metrics.training_queue.set(self.queued)
+
+    def _pause(self) -> None:
+        """Between training steps: a stop cancels here (not only as models finish, which at
+        a fleet's batch can be minutes away), else wait while a poll runs."""
+        if self.stop_event.is_set():
+            raise Cancelled()
+        if self.pause is not None:
+            self.pause()
 
     def _progress(self, started: float, queue_at_start: int) -> Callable[[int, int], None]:
         last = [0.0]

@@ -566,7 +566,7 @@ def test_training_waits_while_a_poll_runs(tmp_path):
 
 def test_the_trainer_passes_its_pause_to_the_fit(tmp_path):
     from grafana_plugin_backend.service.store import ModelStore
-    from grafana_plugin_backend.service.trainer import Trainer
+    from grafana_plugin_backend.service.trainer import Cancelled, Trainer
 
     seen = []
 
@@ -581,4 +581,8 @@ def test_the_trainer_passes_its_pause_to_the_fit(tmp_path):
     trainer = Trainer(rig.cfg, rig.cfg.queries, rig.source, rig.registry, store, rig.metrics,
                       rig.vae, clock=rig.clock, fit_fn=fit, pause=rig.poller.wait_idle)
     trainer.run_once()
-    assert seen == [rig.poller.wait_idle]
+    assert len(seen) == 1
+    seen[0]()  # waits while a poll runs (none here)...
+    trainer.stop_event.set()
+    with pytest.raises(Cancelled):  # ...and is where a stop cancels the batch, at any step
+        seen[0]()

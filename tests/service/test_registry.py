@@ -159,3 +159,39 @@ def test_a_full_set_of_dropped_series_never_counts_one_twice(monkeypatch, caplog
             reg.upsert("q", {"i": str(i)})
     assert reg.dropped == {"max_series": 3}  # 3 remembered; the rest are not counted twice
     assert "no longer counted" in caplog.text
+
+
+def test_appended_recent_equals_merged_recent_and_leaves_old_views_whole():
+    """The poller's O(new rows) append gives merged_recent's buffer every poll, whatever
+    comes (one row, several, overlapping rows, a recent set by someone else), and a reader's
+    earlier recent never changes under it."""
+    from grafana_plugin_backend.service.registry import appended_recent, merged_recent
+
+    keys = ("timestamp", "observed", "score", "flag", "expected", "lower", "upper")
+    rng = np.random.default_rng(0)
+    s = SeriesState("id", "q", {}, {})
+    expect: dict = {}
+    held = []  # (a recent as a reader saw it, a copy of it then)
+    t = 0.0
+    for poll in range(400):
+        kind = rng.choice(["one", "few", "overlap", "replaced"], p=[0.7, 0.15, 0.1, 0.05])
+        if kind == "replaced":  # the trainer's record() published a recent of its own
+            rows = {k: np.array([t + 1.0]) for k in keys}
+            s.recent = expect = merged_recent(expect, rows, 12)
+            t += 1.0
+            continue
+        if kind == "overlap":
+            ts = np.arange(t - 2.0, t + 2.0)
+        else:
+            ts = t + 1.0 + np.arange(1 if kind == "one" else int(rng.integers(2, 15)))
+        rows = {k: (ts if k == "timestamp" else rng.standard_normal(len(ts))) for k in keys}
+        got = appended_recent(s, rows, 12)
+        expect = merged_recent(expect, rows, 12)
+        for k in keys:
+            np.testing.assert_array_equal(got[k], expect[k], err_msg=f"poll {poll} {kind} {k}")
+        s.recent = got
+        t = float(ts.max())
+        held.append((got, {k: v.copy() for k, v in got.items()}))
+    for seen, then in held:
+        for k in keys:
+            np.testing.assert_array_equal(seen[k], then[k])
