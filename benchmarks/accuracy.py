@@ -304,18 +304,21 @@ def _parse_scalar(raw: str) -> Any:
     return raw
 
 
-def make_promvae_detectors(overrides: dict[str, Any], train_once: bool = False) -> dict[str, Detector]:
+def make_promvae_detectors(overrides: dict[str, Any], train_once: bool = False,
+                           deployment_overrides: dict[str, Any] | None = None) -> dict[str, Detector]:
     """The promvae columns: name -> detector. Edit the configs here to tweak the benchmark.
 
     Deployed mode (default) replays the service: daily retrains on the trailing 7 days,
     streaming calibration, the new-normal policy (detector.deploy, the service's defaults).
     Each detector also has `.many`, which runs every series in one batched backtest.
+    deployment_overrides: Deployment fields to change (an A/B of one part of the deployment,
+    e.g. calibrate=False or adapt_after=None), in seconds as the config keys.
     Raises ImportError if the detector package is not available yet.
     """
     from detector import VAEConfig, backtest_many
     from detector.deploy import DEPLOYED
 
-    deployment = None if train_once else DEPLOYED
+    deployment = None if train_once else dataclasses.replace(DEPLOYED, **(deployment_overrides or {}))
     configs = {
         "promvae": VAEConfig(**overrides),
         "promvae-noseason": VAEConfig(**{**overrides, "seasonal": False}),
@@ -350,7 +353,8 @@ def config_description(name: str, overrides: dict[str, Any]) -> str | None:
 
 
 def build_detectors(names: list[str], overrides: dict[str, Any],
-                    train_once: bool = False) -> dict[str, Detector]:
+                    train_once: bool = False,
+                    deployment_overrides: dict[str, Any] | None = None) -> dict[str, Detector]:
     """Resolve detector names; promvae columns are skipped with a warning if unavailable."""
     baselines: dict[str, Detector] = {
         "static-z": static_z,
@@ -367,7 +371,7 @@ def build_detectors(names: list[str], overrides: dict[str, Any],
         elif name in PROMVAE:
             if promvae is None:
                 try:
-                    promvae = make_promvae_detectors(overrides, train_once)
+                    promvae = make_promvae_detectors(overrides, train_once, deployment_overrides)
                 except ImportError as exc:
                     print(f"WARNING: skipping {name}: cannot import detector ({exc})", file=sys.stderr)
                     promvae = {}
@@ -565,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--categories", default=",".join(ALL_CATEGORIES), help="comma list")
     p.add_argument("--limit-series", type=int, default=None, help="first N series per category")
     p.add_argument("--promvae-config", default=None, help="VAEConfig overrides: key=value,...")
+    p.add_argument("--deployment", default=None,
+                   help="deployed-mode overrides, key=value,... of detector.deploy.Deployment "
+                        "(seconds; e.g. calibrate=false,adapt_after=none)")
     p.add_argument("--json", type=Path, default=None, help="write per-series results here")
     p.add_argument(
         "--check-causality",
@@ -583,8 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown categories {sorted(unknown)}; choose from {ALL_CATEGORIES}")
     overrides = parse_overrides(args.promvae_config)
+    deployment_overrides = parse_overrides(args.deployment)
+    if deployment_overrides and args.train_once:
+        raise SystemExit("--deployment changes the deployed mode: it has no effect with --train-once")
     detectors = build_detectors([d.strip() for d in args.detectors.split(",") if d.strip()], overrides,
-                                args.train_once)
+                                args.train_once, deployment_overrides)
     if not detectors:
         raise SystemExit("no detector to run")
     names = list(detectors)
@@ -653,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(n in PROMVAE for n in names):
         print("promvae mode: " + ("train once (first model only, its own threshold)" if args.train_once
               else "deployed (retrain every 24h on the trailing 7d, streaming calibration, "
-                   "new-normal policy after 3h: the service's defaults)"))
+                   "new-normal policy after 3h: the service's defaults)"
+              + (f", changed: {deployment_overrides}" if deployment_overrides else "")))
     print(format_report(summary, names))
     if failures:
         print("\nDETECTOR FAILURES (scored as all-NaN, i.e. never flagged, and kept in the means):")
@@ -672,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "detectors": names,
             "promvae_overrides": overrides,
             "promvae_mode": "train-once" if args.train_once else "deployed",
+            "deployment_overrides": deployment_overrides,
             "promvae_configs": {n: config_description(n, overrides) for n in names if n in PROMVAE},
             "series": results,
             "summary": summary,
