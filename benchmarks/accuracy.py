@@ -318,6 +318,10 @@ def make_promvae_detectors(overrides: dict[str, Any], train_once: bool = False,
     from detector import VAEConfig, backtest_many
     from detector.deploy import DEPLOYED
 
+    known = {f.name for f in dataclasses.fields(DEPLOYED)}
+    unknown = sorted(set(deployment_overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown --deployment keys {unknown}; choose from {sorted(known)}")
     deployment = None if train_once else dataclasses.replace(DEPLOYED, **(deployment_overrides or {}))
     configs = {
         "promvae": VAEConfig(**overrides),
