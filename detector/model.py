@@ -80,8 +80,14 @@ def encode(p: Params, config: VAEConfig, x: torch.Tensor, cond: torch.Tensor | N
 
 def decode(p: Params, config: VAEConfig, z: torch.Tensor, cond: torch.Tensor | None):
     """p(x | z, c): z (K, B, Z), cond (K, B, C) -> mean, std (K, B, W)."""
+    mu, pre_std = _decode_pre(p, config, z, cond)
+    return mu, F.softplus(pre_std) + config.std_min
+
+
+def _decode_pre(p: Params, config: VAEConfig, z: torch.Tensor, cond: torch.Tensor | None):
+    """The decoder's mean and its std before softplus (the loss takes the softplus itself)."""
     h = _mlp(p, "dec", len(config.hidden), z, cond)
-    return _linear(p, "dec_mu", h), F.softplus(_linear(p, "dec_std", h)) + config.std_min
+    return _linear(p, "dec_mu", h), _linear(p, "dec_std", h)
 
 
 def _nll_terms(mu: torch.Tensor, pre_std: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
@@ -142,8 +148,7 @@ def m_elbo_windows(
     xin = x * mask
     mu_z, std_z = encode(p, config, xin, cond)
     z = mu_z if eps is None else mu_z + std_z * eps
-    h = _mlp(p, "dec", len(config.hidden), z, cond)
-    mu_x, pre_std = _linear(p, "dec_mu", h), _linear(p, "dec_std", h)  # decode, std before softplus
+    mu_x, pre_std = _decode_pre(p, config, z, cond)
     # -log N summed over observed points, with the constant pulled out of the elementwise part.
     nll = _gaussian_nll(mu_x, pre_std, x, mask, config.std_min) + 0.5 * LOG_2PI * mask.sum(-1)  # (K, B)
     kl = 0.5 * (mu_z**2 + std_z**2 - 1.0 - 2.0 * torch.log(std_z)).sum(-1)  # (K, B)
