@@ -43,6 +43,8 @@ class Deployment:
     calibration_span: float = 14 * 86400.0
     adapt_bridge: float | None = 2 * 86400.0  # None: admitted scores stay for the span
     calibrate: bool = True  # False: the model's own threshold only
+    adapt_retrain: bool = True  # False: an admitted change raises the threshold only, and the
+    # next regular retrain learns it (no early retrain)
 
     def calibration(self, step: float) -> CalibrationConfig:
         return CalibrationConfig.for_step(step, span=self.calibration_span,
@@ -230,7 +232,7 @@ def _assemble(grid, starts, models, raw_scores, step, deployment, config, early,
         # Only the first new early retrain is certain: every flag after it depends on it.
         idx = np.searchsorted(t, np.asarray(cal.adapted_at), side="right")
         fresh = [int(j) for j in idx if j < n and int(j) not in models]
-        asks = fresh[:1]
+        asks = fresh[:1] if deployment.adapt_retrain else []
     ok = np.isfinite(fields["score"])
     result = ScoreResult(
         timestamps=grid.timestamps.copy(), observed=grid.values.copy(), raw=fields["raw"],

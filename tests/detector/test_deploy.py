@@ -58,3 +58,12 @@ def test_a_series_too_short_for_its_first_model_gets_the_error(small):
     s = seasonal_series(40, step=STEP)
     (r,) = deployed_many([s], [20], [STEP], small, Deployment())
     assert isinstance(r, Exception)
+
+
+def test_adoption_without_early_retrain_raises_the_threshold_only(small, shifted):
+    # The A/B knob of benchmarks/accuracy.py (adapt_retrain=false): the change is admitted
+    # (counted) but no model is trained for it before the next regular slot.
+    (r,) = deployed_many([shifted], [3 * DAY - 1], [STEP], small, Deployment(adapt_retrain=False))
+    assert r.adaptations >= 1 and not r.early
+    t0 = shifted.timestamps[3 * DAY]
+    assert [t for t in r.retrains] == [t0 + 86400 * k for k in range(1, len(r.retrains) + 1)]
