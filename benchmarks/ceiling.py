@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from grafana_plugin_backend.config.base import parse_duration
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import nab  # type: ignore[no-redef]
@@ -36,16 +38,12 @@ WINDOW = None  # hold until the window ends: the best any causal detector can do
 
 def parse_hold(text: str) -> float | None:
     """'3h', '90m', '600s' or 'window' -> seconds (None = to the window's end)."""
-    t = text.strip().lower()
-    if t == "window":
+    if text.strip().lower() == "window":
         return WINDOW
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    if t[-1:] in units:
-        try:
-            return float(t[:-1]) * units[t[-1]]
-        except ValueError:
-            pass
-    raise ValueError(f"hold {text!r}: give a duration like 3h, 90m, 600s, or 'window'")
+    try:
+        return parse_duration(text)  # the config keys' spelling: 3h, 90m, 1h30m
+    except ValueError:
+        raise ValueError(f"hold {text!r}: give a duration like 3h, 90m, 600s, or 'window'") from None
 
 
 def oracle_scores(timestamps: np.ndarray, labels: np.ndarray, anomalies: Sequence[float],
